@@ -1,0 +1,275 @@
+"""The ``bastion`` command.
+
+``bastion run`` starts a real local federation (one SuperLink and N SuperNodes
+on loopback, gRPC between them), submits this Flower App with ``flwr run``,
+shows each round as it finishes, prints a final table and stops every process
+it started, on success, on failure and on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bastion.config import ConfigError, RunConfig, parse_overrides
+from bastion.federation import LocalFederation
+
+
+def find_app_dir(explicit: str | None = None) -> Path:
+    """The Flower App directory (holds ``pyproject.toml`` with ``[tool.flwr.app]``)."""
+    candidates = [Path(explicit)] if explicit else [Path.cwd(), Path(__file__).resolve().parents[1]]
+    for cand in candidates:
+        pyproject = cand / "pyproject.toml"
+        if (
+            pyproject.is_file()
+            and "tool" in (data := tomllib.loads(pyproject.read_text()))
+            and ("flwr" in data["tool"])
+        ):
+            return cand.resolve()
+    raise SystemExit(
+        "bastion: no Flower App found (a pyproject.toml with [tool.flwr.app]) in "
+        + ", ".join(str(c) for c in candidates)
+        + "; run from the Bastion checkout or pass --app DIR"
+    )
+
+
+def app_defaults(app_dir: Path) -> dict[str, Any]:
+    """The run-config defaults of ``[tool.flwr.app.config]``."""
+    data = tomllib.loads((app_dir / "pyproject.toml").read_text())
+    return dict(data["tool"]["flwr"]["app"]["config"])
+
+
+def build_run_config(args: argparse.Namespace, app_dir: Path) -> tuple[RunConfig, dict[str, Any]]:
+    """Merge defaults, ``--run-config`` and the flags; validate; return (model, overrides)."""
+    overrides: dict[str, Any] = {}
+    if args.run_config:
+        overrides |= parse_overrides(args.run_config)
+    flags = {
+        "num-server-rounds": args.rounds,
+        "dataset": args.dataset,
+        "data-dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
+        "partitioner": args.partitioner,
+        "seed": args.seed,
+    }
+    overrides |= {k: v for k, v in flags.items() if v is not None}
+    overrides.setdefault("min-available-nodes", args.clients)
+    overrides.setdefault(
+        "min-train-nodes", min(args.clients, int(overrides["min-available-nodes"]))
+    )
+    full = app_defaults(app_dir) | overrides
+    output = Path(args.output_dir) if args.output_dir else _fresh_run_dir(full)
+    overrides["output-dir"] = str(output.resolve())
+    full["output-dir"] = overrides["output-dir"]
+    unknown = sorted(set(overrides) - set(app_defaults(app_dir)))
+    if unknown:
+        raise ConfigError(
+            f"run config: unknown key(s) {unknown}; known keys: {', '.join(RunConfig.keys())}"
+        )
+    return RunConfig.from_flat(full), overrides
+
+
+def _fresh_run_dir(cfg: dict[str, Any]) -> Path:
+    from server.results import default_run_dir
+
+    return default_run_dir("runs", str(cfg.get("dataset", "run")))
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def progress_line(row: dict[str, Any], total: int) -> str:
+    """One line of live progress for a round's metrics row."""
+    if row["round"] == 0:
+        acc = _fmt(row.get("central_accuracy"), ".4f")
+        return f"round  0/{total}  accuracy {acc}  (initial model)"
+    return (
+        f"round {row['round']:>2}/{total}  accuracy {_fmt(row.get('central_accuracy'), '.4f')}  "
+        f"loss {_fmt(row.get('central_loss'), '.4f')}  "
+        f"clients {row.get('num_accepted', 0)} ok / {row.get('num_rejected', 0)} rejected  "
+        f"{_fmt(row.get('round_seconds'), '.1f')} s"
+    )
+
+
+def final_table(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table of every round's metrics."""
+    head = (
+        "round",
+        "accuracy",
+        "loss",
+        "train loss",
+        "accepted",
+        "rejected",
+        "round s",
+        "overhead s",
+    )
+    lines = [" ".join(f"{h:>10}" for h in head)]
+    for r in rows:
+        cells = (
+            str(r["round"]),
+            _fmt(r.get("central_accuracy"), ".4f"),
+            _fmt(r.get("central_loss"), ".4f"),
+            _fmt(r.get("train_loss"), ".4f"),
+            _fmt(r.get("num_accepted"), "d"),
+            _fmt(r.get("num_rejected"), "d"),
+            _fmt(r.get("round_seconds"), ".2f"),
+            _fmt(r.get("overhead_seconds"), ".2f"),
+        )
+        lines.append(" ".join(f"{c:>10}" for c in cells))
+    return "\n".join(lines)
+
+
+def _read_new_rows(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
+    if not path.exists():
+        return [], offset
+    with open(path, encoding="utf-8") as fh:
+        fh.seek(offset)
+        chunk = fh.read()
+    complete = chunk[: chunk.rfind("\n") + 1]
+    rows = [json.loads(line) for line in complete.splitlines() if line.strip()]
+    return rows, offset + len(complete.encode())
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``bastion run``: local federation, live progress, final table, clean shutdown."""
+    if args.clients < 2:
+        print("bastion: --clients must be at least 2", file=sys.stderr)
+        return 2
+    app_dir = find_app_dir(args.app)
+    try:
+        cfg, overrides = build_run_config(args, app_dir)
+    except ConfigError as exc:
+        print(f"bastion: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    threads = args.torch_threads or max(1, (os.cpu_count() or 1) // args.clients)
+    print(
+        f"bastion: {args.clients} SuperNodes + 1 SuperLink on loopback (gRPC Fleet API), "
+        f"{cfg.num_server_rounds} rounds of {cfg.dataset}/{cfg.partitioner}; results in {run_dir}"
+    )
+
+    def on_term(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    fed = LocalFederation(args.clients, run_dir / "logs", torch_threads=threads)
+    rows: list[dict[str, Any]] = []
+    started = time.monotonic()
+    try:
+        fed.start()
+        runner = fed.submit(app_dir, overrides)
+        offset, metrics = 0, run_dir / "metrics.jsonl"
+        deadline = started + args.timeout
+        while True:
+            new, offset = _read_new_rows(metrics, offset)
+            for row in new:
+                rows.append(row)
+                print(progress_line(row, cfg.num_server_rounds), flush=True)
+            if runner.popen.poll() is not None:
+                new, offset = _read_new_rows(metrics, offset)
+                for row in new:
+                    rows.append(row)
+                    print(progress_line(row, cfg.num_server_rounds), flush=True)
+                break
+            dead = [p for p in fed.dead_processes() if p.name == "superlink"]
+            if dead:
+                print(
+                    f"bastion: the SuperLink exited; log tail:\n{_tail(dead[0].log_path)}",
+                    file=sys.stderr,
+                )
+                return 1
+            if time.monotonic() > deadline:
+                print(
+                    f"bastion: run did not finish within --timeout {args.timeout:.0f} s",
+                    file=sys.stderr,
+                )
+                return 1
+            time.sleep(0.25)
+    except KeyboardInterrupt:
+        print("\nbastion: interrupted; stopping the federation", file=sys.stderr)
+        return 130
+    finally:
+        fed.stop()
+        signal.signal(signal.SIGTERM, previous)
+        print(
+            f"bastion: stopped {len(fed.processes)} processes (SuperLink, SuperNodes, flwr run) "
+            "and everything they spawned"
+        )
+
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    if summary.get("status") != "completed":
+        print(
+            "bastion: the run did not complete: "
+            f"{summary.get('error', 'no summary.json written')}\n"
+            f"flwr run output (tail):\n{_tail(run_dir / 'logs' / 'flwr-run.log')}",
+            file=sys.stderr,
+        )
+        return 1
+    print()
+    print(final_table(rows))
+    print(
+        f"\nfinal accuracy {summary['final_accuracy']:.4f} after {summary['rounds']} rounds "
+        f"({time.monotonic() - started:.0f} s wall); results, checkpoints and plot in {run_dir}"
+    )
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The ``bastion`` argument parser."""
+    parser = argparse.ArgumentParser(prog="bastion", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="train over a real local gRPC federation")
+    run.add_argument("--clients", type=int, default=10, help="number of SuperNodes (default 10)")
+    run.add_argument("--rounds", type=int, help="number of server rounds (num-server-rounds)")
+    run.add_argument("--dataset", help="digits | fashion-mnist | mnist | cifar10")
+    run.add_argument("--data-dir", help="directory holding the dataset files")
+    run.add_argument("--partitioner", help="iid | dirichlet | label-sorted | pathological")
+    run.add_argument("--seed", type=int, help="seed of model init, partitioning and training")
+    run.add_argument("--output-dir", help="results directory (default: a new folder in ./runs/)")
+    run.add_argument(
+        "--run-config",
+        default="",
+        help='more run-config keys, e.g. "lr=0.05 alpha=0.1" (flwr run syntax)',
+    )
+    run.add_argument("--app", help="Flower App directory (default: the Bastion checkout)")
+    run.add_argument(
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="torch threads per ClientApp (default: cores / clients, at least 1)",
+    )
+    run.add_argument(
+        "--timeout",
+        type=float,
+        default=3600.0,
+        help="give up after this many seconds (default 3600)",
+    )
+    run.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``bastion`` console script."""
+    args = make_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,240 @@
+"""Bastion's run configuration: one pydantic model over Flower's flat run-config keys.
+
+Flower hands a ServerApp and every ClientApp the run config as a flat mapping of
+kebab-case keys (``num-server-rounds``, ``lr``, ...), with the defaults from
+``[tool.flwr.app.config]`` in ``pyproject.toml`` and the user's ``--run-config``
+overrides on top. :class:`RunConfig` validates that mapping once; every error
+names the key, the value given and what is allowed (:class:`ConfigError`).
+
+The same model is used by ``bastion run`` (to fail before any process starts),
+by the ServerApp and by the ClientApp (for the data settings), so the three can
+never disagree about what a key means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DatasetName = Literal["digits", "fashion-mnist", "mnist", "cifar10"]
+PartitionerName = Literal["iid", "dirichlet", "label-sorted", "pathological"]
+AggregatorName = Literal["mean"]
+
+
+class ConfigError(ValueError):
+    """A run-config or node-config value is invalid; the message names key, value, rule."""
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class _FlatModel(BaseModel):
+    """A pydantic model read from and written to Flower's flat kebab-case keys."""
+
+    model_config = ConfigDict(
+        extra="forbid", alias_generator=_kebab, populate_by_name=True, frozen=True
+    )
+
+    @classmethod
+    def from_flat(cls, values: Mapping[str, Any], *, source: str = "run config") -> _FlatModel:
+        """Validate a flat mapping, raising :class:`ConfigError` with one line per problem."""
+        try:
+            return cls.model_validate(dict(values))
+        except ValidationError as exc:
+            raise ConfigError(_format_errors(exc, values, source)) from None
+
+    def to_flat(self) -> dict[str, Any]:
+        """Return the kebab-case mapping Flower uses (``--run-config`` syntax)."""
+        return self.model_dump(by_alias=True)
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        """All kebab-case keys this model accepts."""
+        return [_kebab(name) for name in cls.model_fields]
+
+
+def _allowed(model: type[BaseModel], key: str) -> str:
+    """Describe what a field accepts, for error messages."""
+    field = model.model_fields.get(key.replace("-", "_"))
+    if field is None:
+        return "one of the known keys: " + ", ".join(sorted(_kebab(k) for k in model.model_fields))
+    choices = get_args(field.annotation)
+    if choices and all(isinstance(c, str) for c in choices):
+        return "one of " + ", ".join(repr(c) for c in choices)
+    bounds = []
+    for meta in field.metadata:
+        for attr, sym in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+            bound = getattr(meta, attr, None)
+            if bound is not None:
+                bounds.append(f"{sym} {bound}")
+    kind = getattr(field.annotation, "__name__", str(field.annotation))
+    return f"{kind} {' and '.join(bounds)}".strip()
+
+
+def _format_errors(exc: ValidationError, values: Mapping[str, Any], source: str) -> str:
+    lines = []
+    model = exc.title
+    cls = _MODELS.get(model)
+    for err in exc.errors():
+        loc = err.get("loc") or ()
+        key = str(loc[0]) if loc else ""
+        if not key:  # a model-level rule: the message names its keys
+            lines.append(f"{source}: {err['msg'].removeprefix('Value error, ')}")
+            continue
+        if err["type"] == "extra_forbidden":
+            allowed = ", ".join(cls.keys()) if cls else "the documented keys"
+            lines.append(
+                f"{source}: unknown key {key!r} (value {err['input']!r}); known keys: {allowed}"
+            )
+            continue
+        value = values.get(key, values.get(key.replace("-", "_"), "<missing>"))
+        what = _allowed(cls, key) if cls else ""
+        lines.append(
+            f"{source} key {key!r}: value {value!r} is not allowed ({err['msg']}); allowed: {what}"
+        )
+    return "\n".join(lines)
+
+
+class RunConfig(_FlatModel):
+    """Every run-config key of a Bastion run (defaults mirror ``pyproject.toml``).
+
+    Training hyper-parameters travel to the clients in each round's
+    ``ConfigRecord`` (so the server stays in control of them); the data settings
+    (dataset, partitioner, seed) are read by each ClientApp from the run config.
+    """
+
+    num_server_rounds: int = Field(10, ge=1, le=100_000)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    dataset: DatasetName = "digits"
+    data_dir: str = ""
+    partitioner: PartitionerName = "iid"
+    alpha: float = Field(0.5, gt=0, le=1e6)
+    classes_per_partition: int = Field(2, ge=1, le=1000)
+    local_test_fraction: float = Field(0.2, ge=0, lt=1)
+    lr: float = Field(0.1, gt=0, le=100)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    local_epochs: int = Field(1, ge=0, le=10_000)
+    local_steps: int = Field(0, ge=0, le=10_000_000)
+    batch_size: int = Field(32, ge=1, le=1_000_000)
+    aggregator: AggregatorName = "mean"
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    min_train_nodes: int = Field(2, ge=1)
+    min_available_nodes: int = Field(2, ge=1)
+    federated_eval_every: int = Field(0, ge=0)
+    round_timeout: float = Field(300.0, gt=0)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    output_dir: str = ""
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> RunConfig:
+        if self.local_epochs == 0 and self.local_steps == 0:
+            raise ValueError(
+                "keys 'local-epochs' and 'local-steps' are both 0; set local-epochs >= 1 "
+                "or local-steps >= 1 (local-steps > 0 takes precedence)"
+            )
+        if self.min_train_nodes > self.min_available_nodes:
+            raise ValueError(
+                f"key 'min-train-nodes' ({self.min_train_nodes}) is larger than "
+                f"'min-available-nodes' ({self.min_available_nodes}); allowed: "
+                "min-train-nodes <= min-available-nodes"
+            )
+        return self
+
+    def train_instructions(self, server_round: int) -> dict[str, int | float]:
+        """The ConfigRecord content sent to clients with round ``server_round``."""
+        return {
+            "server-round": server_round,
+            "lr": self.lr,
+            "momentum": self.momentum,
+            "weight-decay": self.weight_decay,
+            "local-epochs": self.local_epochs,
+            "local-steps": self.local_steps,
+            "batch-size": self.batch_size,
+            # A distinct, reproducible seed per round for the clients' data order.
+            "round-seed": (self.seed * 1_000_003 + server_round) % (2**31 - 1),
+        }
+
+
+class TrainInstructions(_FlatModel):
+    """What a client needs to run one round of local training (from the ConfigRecord)."""
+
+    server_round: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    momentum: float = Field(ge=0, lt=1)
+    weight_decay: float = Field(ge=0)
+    local_epochs: int = Field(ge=0)
+    local_steps: int = Field(ge=0)
+    batch_size: int = Field(ge=1)
+    round_seed: int = Field(ge=0)
+
+
+class NodeConfig(_FlatModel):
+    """A SuperNode's own settings (``flower-supernode --node-config``).
+
+    ``data-dir`` lets each host point at its own copy of the data; an empty value
+    falls back to the run config's ``data-dir``.
+    """
+
+    model_config = ConfigDict(
+        extra="ignore", alias_generator=_kebab, populate_by_name=True, frozen=True
+    )
+
+    partition_id: int = Field(ge=0)
+    num_partitions: int = Field(ge=1)
+    data_dir: str = ""
+
+    @model_validator(mode="after")
+    def _check_partition(self) -> NodeConfig:
+        if self.partition_id >= self.num_partitions:
+            raise ValueError(
+                f"node config key 'partition-id': value {self.partition_id} is not allowed; "
+                f"allowed: 0 <= partition-id < num-partitions ({self.num_partitions})"
+            )
+        return self
+
+
+_MODELS: dict[str, type[_FlatModel]] = {
+    "RunConfig": RunConfig,
+    "TrainInstructions": TrainInstructions,
+    "NodeConfig": NodeConfig,
+}
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """Parse ``"k1=v1 k2='v 2'"`` the way ``flwr run --run-config`` does (TOML values).
+
+    Values that are not valid TOML (e.g. ``dataset=mnist``) are taken as strings,
+    matching what users expect from a command line.
+    """
+    import shlex
+    import tomllib
+
+    out: dict[str, Any] = {}
+    for item in shlex.split(text):
+        if "=" not in item:
+            raise ConfigError(f"--run-config item {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            out[key] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key] = raw
+    return out
+
+
+def format_overrides(values: Mapping[str, Any]) -> str:
+    """Write a mapping in ``flwr run --run-config`` syntax (TOML values)."""
+    parts = []
+    for key, value in values.items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int | float):
+            text = repr(value)
+        else:
+            text = '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+        parts.append(f"{key}={text}")
+    return " ".join(parts)

@@ -1,0 +1,109 @@
+"""Bastion's ClientApp: local training and evaluation on a node's own partition.
+
+Each SuperNode runs this app for every message the ServerApp sends it. The node's
+``--node-config`` says which partition it holds (``partition-id``,
+``num-partitions``, optionally its own ``data-dir``); the run config says which
+dataset and partitioner; each round's ``ConfigRecord`` carries the training
+hyper-parameters chosen by the server.
+
+Reply contract (what :mod:`strategies` validates): a ``train`` reply holds one
+``ArrayRecord`` ``"arrays"`` with the full updated model (same keys, shapes and
+dtypes as the global model it received) and one ``MetricRecord`` ``"metrics"``
+with ``num-examples``, ``train-loss``, ``train-seconds``, ``steps`` and
+``partition-id``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from bastion.config import NodeConfig, RunConfig, TrainInstructions
+from task.federated import PartitionSpec, load_client_data
+from task.models import build_model
+from task.training import evaluate as evaluate_model
+from task.training import resolve_device, train_local
+
+app = ClientApp()
+
+
+def _setup(context: Context) -> tuple[RunConfig, NodeConfig]:
+    run = RunConfig.from_flat(context.run_config)
+    node = NodeConfig.from_flat(context.node_config, source="node config")
+    threads = int(os.environ.get("BASTION_TORCH_THREADS", "0") or 0)
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return run, node
+
+
+def _spec(run: RunConfig, node: NodeConfig) -> PartitionSpec:
+    return PartitionSpec(
+        dataset=run.dataset,
+        num_partitions=node.num_partitions,
+        partitioner=run.partitioner,
+        seed=run.seed,
+        alpha=run.alpha,
+        classes_per_partition=run.classes_per_partition,
+        test_fraction=run.local_test_fraction,
+    )
+
+
+def _model_from(message: Message, dataset: str) -> torch.nn.Module:
+    model = build_model(dataset)
+    model.load_state_dict(message.content["arrays"].to_torch_state_dict(), strict=True)
+    return model
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model on this node's partition and reply with it."""
+    run, node = _setup(context)
+    instr = TrainInstructions.from_flat(msg.content["config"], source="train config")
+    data = load_client_data(_spec(run, node), node.partition_id, node.data_dir or run.data_dir)
+    device = resolve_device(run.device)
+    model = _model_from(msg, run.dataset)
+    result = train_local(
+        model,
+        data.train,
+        lr=instr.lr,
+        momentum=instr.momentum,
+        weight_decay=instr.weight_decay,
+        epochs=instr.local_epochs,
+        steps=instr.local_steps,
+        batch_size=instr.batch_size,
+        seed=instr.round_seed + node.partition_id,
+        device=device,
+    )
+    metrics = MetricRecord(
+        {
+            "num-examples": result.num_examples,
+            "train-loss": result.mean_loss,
+            "train-seconds": result.seconds,
+            "steps": result.steps,
+            "partition-id": node.partition_id,
+        }
+    )
+    arrays = ArrayRecord(model.to("cpu").state_dict())
+    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the received global model on this node's local test split."""
+    run, node = _setup(context)
+    data = load_client_data(_spec(run, node), node.partition_id, node.data_dir or run.data_dir)
+    result = evaluate_model(
+        _model_from(msg, run.dataset), data.test, device=resolve_device(run.device)
+    )
+    metrics = MetricRecord(
+        {
+            "num-examples": result.num_examples,
+            "eval-loss": result.loss,
+            "eval-accuracy": result.accuracy,
+            "partition-id": node.partition_id,
+        }
+    )
+    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

@@ -1,0 +1,181 @@
+"""Bastion's ServerApp: the round loop, central evaluation and the run's results.
+
+One round: sample nodes and send them the global model with the round's training
+instructions; wait for the replies (up to ``round-timeout``); let the strategy
+validate and aggregate them; evaluate the new global model centrally on the
+dataset's test split; write metrics, per-node diagnostics and a checkpoint.
+Every ``federated-eval-every`` rounds (and after the last one when enabled) the
+clients also evaluate the model on their local test splits.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Iterable
+from logging import ERROR, INFO, WARNING
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+
+from bastion.config import RunConfig
+from server.results import RunResults, default_run_dir
+from strategies.strategy import BastionStrategy, NodeDiagnostics
+from task.datasets import load_dataset
+from task.models import build_model
+from task.training import evaluate, resolve_device
+
+app = ServerApp()
+
+# The stock Grid.send_and_receive sleeps 3 s between polls of the SuperLink; on
+# short rounds that is most of the round. We poll faster (push/pull are public Grid API).
+POLL_SECONDS = 0.1
+MAX_POLL_SECONDS = 1.0
+
+
+def send_and_receive(
+    grid: Grid, messages: Iterable[Message], timeout: float
+) -> tuple[list[Message], dict[str, int]]:
+    """Push ``messages`` and pull replies until all arrived or ``timeout`` passed.
+
+    Returns the replies and ``{message_id: node_id}`` of the messages that got no reply.
+    """
+    messages = list(messages)
+    ids = list(grid.push_messages(messages))
+    waiting = {mid: msg.metadata.dst_node_id for mid, msg in zip(ids, messages, strict=True)}
+    replies: list[Message] = []
+    deadline, pause = time.monotonic() + timeout, POLL_SECONDS
+    while waiting and time.monotonic() < deadline:
+        got = list(grid.pull_messages(list(waiting)))
+        for reply in got:
+            waiting.pop(reply.metadata.reply_to_message_id, None)
+        replies.extend(got)
+        if waiting:
+            time.sleep(pause)
+            pause = min(pause * 1.5, MAX_POLL_SECONDS) if not got else POLL_SECONDS
+    return replies, waiting
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run ``num-server-rounds`` rounds of federated training and write the results."""
+    cfg = RunConfig.from_flat(context.run_config)
+    run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir("runs", cfg.dataset)
+    results = RunResults(run_dir, cfg.to_flat())
+    log(INFO, "[bastion] results go to %s", results.run_dir)
+    try:
+        _run(grid, cfg, results)
+    except BaseException as exc:
+        results.write_summary(
+            status="failed",
+            error=f"{type(exc).__name__}: {exc}",
+            dataset=cfg.dataset,
+            traceback=traceback.format_exc(),
+        )
+        log(ERROR, "[bastion] run failed: %s", exc)
+        raise
+
+
+def _run(grid: Grid, cfg: RunConfig, results: RunResults) -> None:
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.dataset)
+    _, test_set = load_dataset(cfg.dataset, cfg.data_dir or None)
+    strategy = BastionStrategy(
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=1.0,
+        min_train_nodes=cfg.min_train_nodes,
+        min_evaluate_nodes=cfg.min_train_nodes,
+        min_available_nodes=cfg.min_available_nodes,
+    )
+    arrays = ArrayRecord(model.state_dict())
+    started = time.monotonic()
+
+    def central(server_round: int) -> dict[str, float]:
+        model.load_state_dict(arrays.to_torch_state_dict())
+        res = evaluate(model, test_set, device=device)
+        return {"central_loss": res.loss, "central_accuracy": res.accuracy}
+
+    first = central(0)
+    results.log_round({"round": 0, **first, "elapsed_seconds": time.monotonic() - started})
+    log(INFO, "[bastion] round 0: central accuracy %.4f", first["central_accuracy"])
+    num_clients = 0
+
+    for server_round in range(1, cfg.num_server_rounds + 1):
+        round_start = time.monotonic()
+        messages = strategy.configure_train(
+            server_round, arrays, ConfigRecord(cfg.train_instructions(server_round)), grid
+        )
+        num_clients = max(num_clients, len(list(grid.get_node_ids())))
+        replies, missing = send_and_receive(grid, messages, cfg.round_timeout)
+        round_seconds = time.monotonic() - round_start
+        new_arrays, _ = strategy.aggregate_train(server_round, replies)
+        if new_arrays is not None:
+            arrays = new_arrays
+        summary = strategy.last_round
+        nodes = list(summary.nodes) + [
+            NodeDiagnostics(server_round, node_id, "rejected", "no reply within round-timeout")
+            for node_id in missing.values()
+        ]
+        if missing:
+            log(
+                WARNING,
+                "[bastion] round %d: no reply from nodes %s within %.0f s",
+                server_round,
+                sorted(missing.values()),
+                cfg.round_timeout,
+            )
+        results.log_nodes(d.to_json() for d in nodes)
+
+        row: dict[str, object] = {"round": server_round, **central(server_round)}
+        if cfg.federated_eval_every and (
+            server_round % cfg.federated_eval_every == 0 or server_round == cfg.num_server_rounds
+        ):
+            eval_msgs = strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
+            eval_replies, _ = send_and_receive(grid, eval_msgs, cfg.round_timeout)
+            fed = strategy.aggregate_evaluate(server_round, eval_replies)
+            if fed is not None:
+                row["federated_accuracy"] = fed["eval-accuracy"]
+                row["federated_loss"] = fed["eval-loss"]
+        slowest = summary.slowest_train_seconds
+        row |= {
+            "train_loss": summary.train_loss,
+            "num_replies": summary.num_replies,
+            "num_accepted": summary.num_accepted,
+            "num_rejected": summary.num_rejected + len(missing),
+            "round_seconds": round_seconds,
+            "slowest_train_seconds": slowest,
+            "overhead_seconds": None if slowest is None else round_seconds - slowest,
+            "elapsed_seconds": time.monotonic() - started,
+        }
+        results.checkpoint(server_round, {k: v.clone() for k, v in model.state_dict().items()})
+        results.log_round(row)
+        log(
+            INFO,
+            "[bastion] round %d/%d: central accuracy %.4f (%d accepted, %d rejected, %.1f s)",
+            server_round,
+            cfg.num_server_rounds,
+            row["central_accuracy"],
+            summary.num_accepted,
+            row["num_rejected"],
+            round_seconds,
+        )
+
+    summary = results.write_summary(
+        status="completed",
+        dataset=cfg.dataset,
+        partitioner=cfg.partitioner,
+        aggregator=cfg.aggregator,
+        num_clients=num_clients,
+        seed=cfg.seed,
+    )
+    log(
+        INFO,
+        "[bastion] done: final accuracy %.4f after %d rounds; results in %s",
+        summary["final_accuracy"],
+        summary["rounds"],
+        results.run_dir,
+    )

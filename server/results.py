@@ -1,0 +1,143 @@
+"""A run directory: per-round metrics, per-node diagnostics, checkpoints, plot, summary.
+
+Layout of ``<run-dir>``::
+
+    config.json          the validated run config
+    metrics.jsonl        one JSON object per round (round 0 = before training)
+    diagnostics.jsonl    one JSON object per node per round (accepted/rejected, why, ...)
+    checkpoints/round-NNNN.pt   global model state_dict after each round
+    accuracy_loss.png    central accuracy and loss over rounds
+    summary.json         final numbers (written at the end, also on failure)
+
+Every file is appended or replaced atomically, so an interrupted run leaves
+complete lines and complete files behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def default_run_dir(base: str | Path = "runs", dataset: str = "run") -> Path:
+    """A fresh ``runs/<UTC time>-<dataset>`` directory name (not yet created)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    path = Path(base) / f"{stamp}-{dataset}"
+    suffix = 1
+    while path.exists():
+        suffix += 1
+        path = Path(base) / f"{stamp}-{dataset}-{suffix}"
+    return path
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class RunResults:
+    """Writes one run's results into ``run_dir`` as the rounds go."""
+
+    def __init__(self, run_dir: str | Path, config: Mapping[str, Any]) -> None:
+        self.run_dir = Path(run_dir).resolve()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "checkpoints").mkdir(exist_ok=True)
+        self.rounds: list[dict[str, Any]] = []
+        self.started = time.time()
+        _write_atomic(self.run_dir / "config.json", json.dumps(dict(config), indent=2).encode())
+
+    def log_round(self, row: Mapping[str, Any]) -> None:
+        """Append one round's metrics to ``metrics.jsonl`` and redraw the plot."""
+        row = _clean(dict(row))
+        self.rounds.append(row)
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+        self.plot()
+
+    def log_nodes(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Append per-node diagnostics to ``diagnostics.jsonl``."""
+        with open(self.run_dir / "diagnostics.jsonl", "a", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(_clean(dict(row))) + "\n")
+
+    def checkpoint(self, server_round: int, state: Mapping[str, torch.Tensor]) -> Path:
+        """Save the global model after ``server_round`` (atomic)."""
+        path = self.run_dir / "checkpoints" / f"round-{server_round:04d}.pt"
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save({"round": server_round, "model": dict(state)}, tmp)
+        os.replace(tmp, path)
+        return path
+
+    def plot(self) -> Path | None:
+        """Draw central accuracy and loss over rounds into ``accuracy_loss.png``."""
+        rows = [r for r in self.rounds if r.get("central_accuracy") is not None]
+        if not rows:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rounds = [r["round"] for r in rows]
+        fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+        ax_acc.plot(rounds, [r["central_accuracy"] for r in rows], "o-", label="central test")
+        fed = [
+            (r["round"], r["federated_accuracy"])
+            for r in self.rounds
+            if r.get("federated_accuracy") is not None
+        ]
+        if fed:
+            ax_acc.plot(*zip(*fed, strict=True), "s--", label="clients' local test")
+        ax_acc.set(xlabel="round", ylabel="accuracy", ylim=(0, 1), title="Accuracy")
+        ax_acc.grid(alpha=0.3)
+        ax_acc.legend()
+        ax_loss.plot(rounds, [r["central_loss"] for r in rows], "o-", label="central test")
+        train = [
+            (r["round"], r["train_loss"]) for r in self.rounds if r.get("train_loss") is not None
+        ]
+        if train:
+            ax_loss.plot(*zip(*train, strict=True), "^--", label="clients' train")
+        ax_loss.set(xlabel="round", ylabel="cross-entropy", title="Loss")
+        ax_loss.grid(alpha=0.3)
+        ax_loss.legend()
+        fig.tight_layout()
+        path = self.run_dir / "accuracy_loss.png"
+        tmp = path.with_name(".accuracy_loss.tmp.png")
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, path)
+        return path
+
+    def write_summary(self, **fields: Any) -> dict[str, Any]:
+        """Write ``summary.json`` from the rounds so far plus ``fields``; return it."""
+        evaluated = [r for r in self.rounds if r.get("central_accuracy") is not None]
+        last = evaluated[-1] if evaluated else {}
+        summary = {
+            "final_accuracy": last.get("central_accuracy"),
+            "final_loss": last.get("central_loss"),
+            "initial_accuracy": evaluated[0].get("central_accuracy") if evaluated else None,
+            "best_accuracy": max((r["central_accuracy"] for r in evaluated), default=None),
+            "rounds": max((r["round"] for r in self.rounds), default=0),
+            "wall_seconds": round(time.time() - self.started, 3),
+            "run_dir": str(self.run_dir),
+        } | fields
+        _write_atomic(self.run_dir / "summary.json", json.dumps(_clean(summary), indent=2).encode())
+        return summary
