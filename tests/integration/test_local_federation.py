@@ -1,0 +1,115 @@
+"""``bastion run`` end to end: a real SuperLink and real SuperNodes talking gRPC on loopback."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from task.datasets import load_dataset
+from task.models import build_model
+from task.training import evaluate
+from tests.integration.conftest import ROOT, bastion_exe, run_bastion, tagged_processes
+
+pytestmark = pytest.mark.integration
+
+
+def test_three_supernodes_train_digits_over_grpc_and_everything_stops(tmp_path, bastion_env):
+    env, tag = bastion_env
+    out = tmp_path / "run"
+    proc = run_bastion(
+        ["--clients", "3", "--rounds", "3", "--seed", "1", "--output-dir", str(out)],
+        env,
+        timeout=420,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # Every process bastion started (and all Flower spawned below them) is gone.
+    assert tagged_processes(tag) == []
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["rounds"] == 3 and summary["num_clients"] == 3
+    assert summary["dataset"] == "digits"
+    # Chance is 0.1 on ten classes; training must reach far above it and rise.
+    assert summary["final_accuracy"] > 0.6
+    assert summary["final_accuracy"] > summary["initial_accuracy"] + 0.4
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert all(r["num_accepted"] == 3 and r["num_rejected"] == 0 for r in rows[1:])
+
+    diags = [json.loads(line) for line in (out / "diagnostics.jsonl").read_text().splitlines()]
+    assert len(diags) == 9
+    assert {d["partition_id"] for d in diags} == {0, 1, 2}
+    assert len({d["node_id"] for d in diags}) == 3
+
+    # The last checkpoint is the model whose accuracy the summary reports.
+    ckpt = torch.load(out / "checkpoints" / "round-0003.pt", weights_only=True)
+    model = build_model("digits")
+    model.load_state_dict(ckpt["model"])
+    _, test = load_dataset("digits")
+    assert evaluate(model, test).accuracy == pytest.approx(summary["final_accuracy"])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
+        "round-0001.pt",
+        "round-0002.pt",
+        "round-0003.pt",
+    ]
+    assert (out / "accuracy_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # The SuperNodes really reached the SuperLink over the gRPC Fleet API.
+    link_log = (out / "logs" / "superlink.log").read_text()
+    assert "Starting Fleet API (gRPC-rere)" in link_log
+    assert link_log.count("[Fleet.ActivateNode] Activated node_id") == 3
+    # Progress and the final table reached the user.
+    assert "round  3/3" in proc.stdout and "final accuracy" in proc.stdout
+
+
+def test_ctrl_c_stops_every_process(tmp_path, bastion_env):
+    env, tag = bastion_env
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [*bastion_exe(), "run", "--clients", "2", "--rounds", "50", "--output-dir", str(out)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            metrics = out / "metrics.jsonl"
+            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+                break
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.5)
+        else:
+            pytest.fail("no training round finished in time")
+        assert tagged_processes(tag), "the federation should be running mid-run"
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, output
+    assert "interrupted" in output
+    assert tagged_processes(tag) == []
+
+
+def test_bad_config_fails_before_starting_anything(tmp_path, bastion_env):
+    env, tag = bastion_env
+    out = tmp_path / "run"
+    proc = run_bastion(
+        ["--clients", "2", "--output-dir", str(out), "--run-config", "lr=-1 partitioner=zipf"],
+        env,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "'lr'" in proc.stderr and "-1" in proc.stderr
+    assert "'partitioner'" in proc.stderr and "'zipf'" in proc.stderr
+    assert not (out / "logs").exists()
+    assert tagged_processes(tag) == []

@@ -1,0 +1,154 @@
+"""BastionStrategy on in-memory Messages: per-reply validation, mean of deltas, diagnostics."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.supercore.task_identity import TaskIdentity
+
+from strategies.layout import ModelLayout
+from strategies.strategy import BastionStrategy
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    # Message() needs a run id; in a real ServerApp Flower sets it.
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+
+
+def model_arrays(w: float = 0.0) -> OrderedDict[str, np.ndarray]:
+    return OrderedDict(
+        weight=np.full((2, 3), 100.0 + w, dtype=np.float32),
+        bias=np.full((3,), -50.0 + w, dtype=np.float32),
+    )
+
+
+def instruction(node_id: int) -> Message:
+    msg = Message(content=RecordDict(), dst_node_id=node_id, message_type=MessageType.TRAIN)
+    msg.metadata.__dict__["_message_id"] = f"m{node_id}"
+    return msg
+
+
+def reply(
+    node_id: int, arrays: dict[str, np.ndarray], metrics: dict | None = None, **extra
+) -> Message:
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(OrderedDict((k, Array(v)) for k, v in arrays.items())),
+            "metrics": MetricRecord(metrics or {"num-examples": 10, "train-loss": 0.5}),
+        }
+        | extra
+    )
+    return Message(content=content, reply_to=instruction(node_id))
+
+
+class FakeGrid:
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+
+def configured(strategy: BastionStrategy, global_arrays: dict[str, np.ndarray]) -> None:
+    record = ArrayRecord(OrderedDict((k, Array(v)) for k, v in global_arrays.items()))
+    list(strategy.configure_train(1, record, ConfigRecord(), FakeGrid([1, 2, 3, 4])))
+
+
+def test_mean_of_deltas_is_applied_to_the_global_model() -> None:
+    strategy = BastionStrategy(min_available_nodes=1, min_train_nodes=1)
+    base = model_arrays()
+    configured(strategy, base)
+    deltas = [0.25, 0.5, 1.5]
+    replies = [reply(i + 1, model_arrays(d)) for i, d in enumerate(deltas)]
+    new, metrics = strategy.aggregate_train(1, replies)
+    got = new.to_numpy_ndarrays()
+    assert np.allclose(got[0], 100.0 + np.mean(deltas), atol=1e-5)
+    assert np.allclose(got[1], -50.0 + np.mean(deltas), atol=1e-5)
+    assert metrics["num-accepted"] == 3 and metrics["num-rejected"] == 0
+
+
+MALFORMED = {
+    "nan": lambda: reply(9, {**model_arrays(1), "bias": np.array([np.nan, 0, 0], np.float32)}),
+    "inf": lambda: reply(9, {**model_arrays(1), "weight": np.full((2, 3), np.inf, np.float32)}),
+    "shape": lambda: reply(9, {**model_arrays(1), "bias": np.zeros(4, np.float32)}),
+    "dtype": lambda: reply(9, {**model_arrays(1), "bias": np.zeros(3, np.float64)}),
+    "missing array": lambda: reply(9, {"weight": model_arrays(1)["weight"]}),
+    "extra array": lambda: reply(9, {**model_arrays(1), "evil": np.zeros(1, np.float32)}),
+    "extra record": lambda: reply(9, model_arrays(1), cfg=ConfigRecord({"x": 1})),
+    "num-examples negative": lambda: reply(9, model_arrays(1), {"num-examples": -5}),
+    "num-examples float": lambda: reply(9, model_arrays(1), {"num-examples": 2.5}),
+    "num-examples missing": lambda: reply(9, model_arrays(1), {"train-loss": 1.0}),
+    "error reply": lambda: Message(Error(code=0, reason="client crashed"), reply_to=instruction(9)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MALFORMED))
+def test_one_malformed_reply_is_rejected_with_a_reason_and_the_round_goes_on(kind: str) -> None:
+    strategy = BastionStrategy(min_available_nodes=1, min_train_nodes=1)
+    configured(strategy, model_arrays())
+    good = [reply(1, model_arrays(1.0)), reply(2, model_arrays(3.0))]
+    new, _ = strategy.aggregate_train(1, [good[0], MALFORMED[kind](), good[1]])
+    assert new is not None
+    assert np.allclose(new.to_numpy_ndarrays()[1], -50.0 + 2.0, atol=1e-5)  # mean of 1 and 3
+    nodes = {d.node_id: d for d in strategy.last_round.nodes}
+    assert nodes[9].status == "rejected" and nodes[9].reason
+    assert nodes[1].status == nodes[2].status == "accepted"
+    assert strategy.last_round.num_rejected == 1
+
+
+def test_all_rejected_leaves_the_model_unchanged() -> None:
+    strategy = BastionStrategy(min_available_nodes=1, min_train_nodes=1)
+    configured(strategy, model_arrays())
+    new, metrics = strategy.aggregate_train(1, [MALFORMED["nan"]()])
+    assert new is None and metrics is None
+    assert strategy.last_round.num_accepted == 0
+
+
+def test_diagnostics_norms_and_cosines() -> None:
+    strategy = BastionStrategy(min_available_nodes=1, min_train_nodes=1)
+    configured(strategy, model_arrays())
+    strategy.aggregate_train(1, [reply(1, model_arrays(1.0)), reply(2, model_arrays(-1.0 / 3))])
+    d1, d2 = strategy.last_round.nodes
+    assert d1.update_norm == pytest.approx(3.0, rel=1e-6)  # 9 coordinates of 1.0
+    assert d2.update_norm == pytest.approx(1.0, rel=1e-5)
+    assert d1.cosine_to_aggregate == pytest.approx(1.0)
+    assert d2.cosine_to_aggregate == pytest.approx(-1.0)
+    assert d1.weight == d2.weight == 0.5
+
+
+def test_layout_round_trip_keeps_names_shapes_dtypes() -> None:
+    arrays = ArrayRecord(OrderedDict((k, Array(v)) for k, v in model_arrays(0.5).items()))
+    layout = ModelLayout.of(arrays)
+    flat = layout.flatten(arrays)
+    assert flat.shape == (9,) and layout.dim == 9
+    back = layout.unflatten(flat)
+    assert list(back.keys()) == ["weight", "bias"]
+    for (name, orig), arr in zip(model_arrays(0.5).items(), back.values(), strict=True):
+        assert arr.numpy().dtype == orig.dtype and np.array_equal(arr.numpy(), orig), name
+    with pytest.raises(ValueError, match="floating-point"):
+        ModelLayout.of(ArrayRecord(OrderedDict(n=Array(np.zeros(2, np.int64)))))
+
+
+def test_deltas_are_exact_when_weights_are_large() -> None:
+    # weights ~1e4, update 1e-3: the delta must survive (no full-weight averaging error)
+    strategy = BastionStrategy(min_available_nodes=1, min_train_nodes=1)
+    big = OrderedDict(w=np.full(4, 1e4, np.float32))
+    configured(strategy, big)
+    step = np.float32(1e4) + np.float32(2**-10)  # one float32 ulp above 1e4
+    new, _ = strategy.aggregate_train(1, [reply(1, {"w": np.full(4, step, np.float32)})])
+    assert torch.equal(torch.from_numpy(new.to_numpy_ndarrays()[0]), torch.full((4,), float(step)))
