@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from task.datasets import ArrayDataset
+from task.sgd import PlainSGD
 
 
 @dataclass(frozen=True)
@@ -79,9 +80,7 @@ def train_local(
     device = device or torch.device("cpu")
     torch.manual_seed(seed)
     model.to(device).train()
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
-    )
+    optimizer = PlainSGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     loss_fn = nn.CrossEntropyLoss()
     loader = make_loader(data, batch_size, shuffle=True, seed=seed)
     total_steps = steps if steps > 0 else epochs * len(loader)
@@ -90,7 +89,7 @@ def train_local(
     while done < total_steps:
         for xb, yb in loader:
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad()
             loss = loss_fn(model(xb), yb)
             loss.backward()
             optimizer.step()
