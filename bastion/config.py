@@ -106,7 +106,7 @@ class RunConfig(_FlatModel):
     (dataset, partitioner, seed) are read by each ClientApp from the run config.
     """
 
-    num_server_rounds: int = Field(10, ge=1, le=100_000)
+    num_server_rounds: int = Field(4, ge=1, le=100_000)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     dataset: DatasetName = "digits"
     data_dir: str = ""
@@ -117,7 +117,7 @@ class RunConfig(_FlatModel):
     lr: float = Field(0.1, gt=0, le=100)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0, le=1)
-    local_epochs: int = Field(1, ge=0, le=10_000)
+    local_epochs: int = Field(5, ge=0, le=10_000)
     local_steps: int = Field(0, ge=0, le=10_000_000)
     batch_size: int = Field(32, ge=1, le=1_000_000)
     aggregator: AggregatorName = "mean"
