@@ -99,6 +99,19 @@ def progress_line(row: dict[str, Any], total: int) -> str:
     )
 
 
+def rejection_reasons(diagnostics: Path, row: dict[str, Any], most: int = 3) -> list[str]:
+    """Distinct reasons (with node counts) why replies of ``row``'s round were rejected."""
+    if not row.get("num_rejected") or not diagnostics.exists():
+        return []
+    counts: dict[str, int] = {}
+    for line in diagnostics.read_text().splitlines():
+        diag = json.loads(line)
+        if diag.get("round") == row["round"] and diag.get("status") == "rejected":
+            counts[diag["reason"]] = counts.get(diag["reason"], 0) + 1
+    ranked = sorted(counts.items(), key=lambda kv: -kv[1])
+    return [f"{n} node(s): {reason[:300]}" for reason, n in ranked[:most]]
+
+
 def final_table(rows: list[dict[str, Any]]) -> str:
     """A plain-text table of every round's metrics."""
     head = (
@@ -156,6 +169,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"bastion: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
+    # Load (and, when online, download) the data once here: a missing dataset fails
+    # before any process starts, and the clients then read it from the shared cache
+    # instead of downloading it N times at once.
+    from task.datasets import load_dataset
+
+    try:
+        train, _ = load_dataset(cfg.dataset, cfg.data_dir or None)
+    except (OSError, ValueError) as exc:
+        print(f"bastion: dataset {cfg.dataset!r} is not available:\n{exc}", file=sys.stderr)
+        return 2
+    if len(train) < args.clients:
+        print(
+            f"bastion: --clients {args.clients} is more than the {len(train)} training "
+            f"samples of {cfg.dataset!r}",
+            file=sys.stderr,
+        )
+        return 2
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     threads = args.torch_threads or max(1, (os.cpu_count() or 1) // args.clients)
@@ -178,14 +208,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         deadline = started + args.timeout
         while True:
             new, offset = _read_new_rows(metrics, offset)
+            finished = runner.popen.poll() is not None
+            if finished:  # rows written just before the run ended
+                more, offset = _read_new_rows(metrics, offset)
+                new += more
             for row in new:
                 rows.append(row)
                 print(progress_line(row, cfg.num_server_rounds), flush=True)
-            if runner.popen.poll() is not None:
-                new, offset = _read_new_rows(metrics, offset)
-                for row in new:
-                    rows.append(row)
-                    print(progress_line(row, cfg.num_server_rounds), flush=True)
+                for reason in rejection_reasons(run_dir / "diagnostics.jsonl", row):
+                    print(f"          rejected: {reason}", flush=True)
+            if finished:
                 break
             dead = [p for p in fed.dead_processes() if p.name == "superlink"]
             if dead:

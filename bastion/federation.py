@@ -27,9 +27,19 @@ from typing import IO
 
 from bastion.config import format_overrides
 
-# SuperExec polls for ClientApp/ServerApp work every second by default; a shorter
-# interval takes up to ~1 s off every message at negligible CPU cost.
-SUPEREXEC_POLL_SECONDS = "0.1"
+
+def superexec_poll_seconds(num_supernodes: int, cores: int | None = None) -> float:
+    """How often each SuperExec polls for work (Flower's default: 1 s).
+
+    Shorter intervals take up to the interval off every message's latency, but each
+    poll costs CPU (measured here with 10 idle SuperNodes: 31% of a core at 1 s,
+    81% at 0.1 s). The rule keeps idle polling to about 10% of the machine:
+    ``interval = clients / (5 * cores)``, clamped to 0.1..1 s.
+    """
+    cores = cores or os.cpu_count() or 1
+    return min(1.0, max(0.1, num_supernodes / (5.0 * cores)))
+
+
 FEDERATION_TAG_VAR = "BASTION_FEDERATION_ID"
 
 
@@ -108,7 +118,10 @@ class LocalFederation:
         env.update(self.env)
         env["FLWR_HOME"] = str(self.flwr_home)
         env[FEDERATION_TAG_VAR] = self.tag
-        env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", SUPEREXEC_POLL_SECONDS)
+        env.setdefault(
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL",
+            f"{superexec_poll_seconds(self.num_supernodes):.2f}",
+        )
         # Flower's telemetry and update check call home; on a closed network each call
         # blocks a fresh process until it times out (measured: rounds took 27 s, not 15 s).
         env.setdefault("FLWR_TELEMETRY_ENABLED", "0")

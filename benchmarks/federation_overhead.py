@@ -14,7 +14,7 @@ per variant, in one invocation, and prints one table:
 Variants:
 
 * ``bastion``         - Bastion's defaults (server polls replies every 0.1 s backing off
-                        to 1 s; SuperExec polls every 0.1 s);
+                        to 1 s; SuperExec polls every clients / (5 x cores) s, 0.1..1 s);
 * ``flower-polling``  - the same app with Flower's stock polling (server every 3 s,
                         SuperExec every 1 s), to show what the shorter intervals buy.
 

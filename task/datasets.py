@@ -71,6 +71,8 @@ _DIGITS_TEST_FRACTION = 0.2
 _PREPROCESS_VERSION = 1
 _CACHE_NAMESPACE = "dataset"
 
+#: Set to ``1`` to forbid downloads (``load_dataset(download=None)``).
+NO_DOWNLOAD_ENV = "BASTION_NO_DOWNLOAD"
 #: Timeout (seconds) of each network operation of a download.
 DOWNLOAD_TIMEOUT_S = 60.0
 
@@ -840,7 +842,7 @@ def _load_digits() -> dict[str, np.ndarray]:
 
 
 def load_dataset(
-    name: str, data_dir: str | Path | None = None, *, download: bool = True
+    name: str, data_dir: str | Path | None = None, *, download: bool | None = None
 ) -> tuple[ArrayDataset, ArrayDataset]:
     """Return ``(train, test)`` of dataset ``name``, normalised and ready for a model.
 
@@ -855,8 +857,10 @@ def load_dataset(
     ``cache_dir()/data/<name>``. When nothing is found and ``download`` is
     true, the files are downloaded from the public mirrors into ``data_dir``
     (or ``cache_dir()/data/<name>``) and checked by MD5. ``data_dir=""`` is the
-    same as ``None``. ``digits`` ships with scikit-learn and ignores ``data_dir``
-    and ``download``.
+    same as ``None``. ``download=None`` (the default) means "yes, unless the
+    environment variable ``BASTION_NO_DOWNLOAD=1`` is set" (air-gapped sites,
+    tests). ``digits`` ships with scikit-learn and ignores ``data_dir`` and
+    ``download``.
 
     Raises ``ValueError`` for an unknown name or malformed files, and
     :class:`DatasetNotFoundError` (a ``FileNotFoundError``) when the data is
@@ -864,6 +868,8 @@ def load_dataset(
     """
     info = _info(name)
     directory = _normalise_data_dir(data_dir)
+    if download is None:
+        download = os.environ.get(NO_DOWNLOAD_ENV, "") != "1"
     if name == "digits":
         arrays = _load_digits()
     elif name in ("mnist", "fashion-mnist"):

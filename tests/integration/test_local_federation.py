@@ -22,7 +22,18 @@ def test_three_supernodes_train_digits_over_grpc_and_everything_stops(tmp_path, 
     env, tag = bastion_env
     out = tmp_path / "run"
     proc = run_bastion(
-        ["--clients", "3", "--rounds", "3", "--seed", "1", "--output-dir", str(out)],
+        [
+            "--clients",
+            "3",
+            "--rounds",
+            "3",
+            "--seed",
+            "1",
+            "--output-dir",
+            str(out),
+            "--run-config",
+            "federated-eval-every=3",
+        ],
         env,
         timeout=420,
     )
@@ -41,6 +52,9 @@ def test_three_supernodes_train_digits_over_grpc_and_everything_stops(tmp_path, 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     assert all(r["num_accepted"] == 3 and r["num_rejected"] == 0 for r in rows[1:])
+    # Federated evaluation ran on the clients' local test splits in round 3 only.
+    assert [r["round"] for r in rows if r.get("federated_accuracy") is not None] == [3]
+    assert rows[3]["federated_accuracy"] > 0.6
 
     diags = [json.loads(line) for line in (out / "diagnostics.jsonl").read_text().splitlines()]
     assert len(diags) == 9
@@ -111,5 +125,32 @@ def test_bad_config_fails_before_starting_anything(tmp_path, bastion_env):
     assert proc.returncode == 2
     assert "'lr'" in proc.stderr and "-1" in proc.stderr
     assert "'partitioner'" in proc.stderr and "'zipf'" in proc.stderr
+    assert not (out / "logs").exists()
+    assert tagged_processes(tag) == []
+
+
+def test_missing_dataset_fails_before_starting_anything(tmp_path, bastion_env):
+    env, tag = bastion_env
+    env["BASTION_NO_DOWNLOAD"] = "1"  # the test must not depend on the network
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    out = tmp_path / "run"
+    proc = run_bastion(
+        [
+            "--clients",
+            "2",
+            "--dataset",
+            "mnist",
+            "--data-dir",
+            str(empty),
+            "--output-dir",
+            str(out),
+        ],
+        env,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "'mnist'" in proc.stderr and str(empty) in proc.stderr
+    assert "train-images-idx3-ubyte" in proc.stderr  # says which files it needs
     assert not (out / "logs").exists()
     assert tagged_processes(tag) == []
