@@ -106,7 +106,7 @@ class RunConfig(_FlatModel):
     (dataset, partitioner, seed) are read by each ClientApp from the run config.
     """
 
-    num_server_rounds: int = Field(4, ge=1, le=100_000)
+    num_server_rounds: int = Field(3, ge=1, le=100_000)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     dataset: DatasetName = "digits"
     data_dir: str = ""

@@ -1,0 +1,75 @@
+"""The run directory: metrics lines, diagnostics, checkpoints, plot, summary; CLI read-back."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from bastion.cli import final_table, progress_line, rejection_reasons
+from server.results import RunResults
+
+
+def test_rounds_summary_checkpoint_and_plot(tmp_path) -> None:
+    res = RunResults(tmp_path / "run", {"dataset": "digits"})
+    res.log_round({"round": 0, "central_accuracy": 0.1, "central_loss": 2.3})
+    res.log_round({"round": 1, "central_accuracy": 0.8, "central_loss": 0.7, "train_loss": 1.0})
+    res.log_round({"round": 2, "central_accuracy": 0.7, "central_loss": math.nan})
+    res.checkpoint(2, {"w": torch.ones(3)})
+    summary = res.write_summary(status="completed", dataset="digits", num_clients=4)
+
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["round"] for x in lines] == [0, 1, 2]
+    assert json.loads(lines[2])["central_loss"] is None  # NaN is written as null
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert on_disk == summary
+    assert summary["final_accuracy"] == 0.7 and summary["best_accuracy"] == 0.8
+    assert summary["initial_accuracy"] == 0.1 and summary["rounds"] == 2
+    assert summary["num_clients"] == 4 and summary["status"] == "completed"
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "round-0002.pt", weights_only=True)
+    assert ckpt["round"] == 2 and torch.equal(ckpt["model"]["w"], torch.ones(3))
+    assert (tmp_path / "run" / "accuracy_loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "run" / "config.json").read_text()) == {"dataset": "digits"}
+
+
+def test_summary_of_a_failed_run_keeps_what_was_done(tmp_path) -> None:
+    res = RunResults(tmp_path, {})
+    res.log_round({"round": 0, "central_accuracy": 0.1, "central_loss": 2.3})
+    summary = res.write_summary(status="failed", error="RuntimeError: boom")
+    assert summary["status"] == "failed" and summary["rounds"] == 0
+    assert summary["final_accuracy"] == 0.1
+
+
+def test_rejection_reasons_are_counted_per_round(tmp_path) -> None:
+    diags = tmp_path / "diagnostics.jsonl"
+    rows = [
+        {"round": 1, "status": "rejected", "reason": "NaN"},
+        {"round": 1, "status": "rejected", "reason": "NaN"},
+        {"round": 1, "status": "rejected", "reason": "shape"},
+        {"round": 1, "status": "accepted", "reason": ""},
+        {"round": 2, "status": "rejected", "reason": "other round"},
+    ]
+    diags.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert rejection_reasons(diags, {"round": 1, "num_rejected": 3}) == [
+        "2 node(s): NaN",
+        "1 node(s): shape",
+    ]
+    assert rejection_reasons(diags, {"round": 1, "num_rejected": 0}) == []
+
+
+def test_progress_and_table_show_the_round_numbers() -> None:
+    row = {
+        "round": 2,
+        "central_accuracy": 0.91234,
+        "central_loss": 0.3,
+        "num_accepted": 9,
+        "num_rejected": 1,
+        "round_seconds": 12.0,
+        "overhead_seconds": 11.5,
+    }
+    line = progress_line(row, 5)
+    assert "2/5" in line and "0.9123" in line and "9 ok / 1 rejected" in line
+    table = final_table([{"round": 0, "central_accuracy": 0.1}, row])
+    assert table.splitlines()[2].split()[:2] == ["2", "0.9123"]
+    assert table.splitlines()[1].split()[2] == "-"  # missing values shown as '-'
