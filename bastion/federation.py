@@ -206,7 +206,7 @@ class LocalFederation:
         """Long-running processes (SuperLink, SuperNodes) that have exited."""
         return [p for p in self.processes if p.name != "flwr-run" and p.popen.poll() is not None]
 
-    def stop(self, grace: float = 10.0) -> None:
+    def stop(self, grace: float = 5.0) -> None:
         """Stop every process group this federation started (TERM, then KILL)."""
         for proc in reversed(self.processes):
             _signal_group(proc.popen, signal.SIGTERM)
