@@ -1,6 +1,6 @@
 """The Flower adapter: Message API in, flat update deltas through a rule, Message API out.
 
-:class:`BastionStrategy` subclasses Flower's Message-API ``FedAvg`` for node
+:class:`RobustStrategy` subclasses Flower's Message-API ``FedAvg`` for node
 sampling and message construction and replaces everything on the reply side:
 
 1. each reply is validated on its own (:mod:`strategies.validation`); a bad
@@ -8,18 +8,28 @@ sampling and message construction and replaces everything on the reply side:
 2. accepted replies are decoded into one preallocated ``(n, d)`` float32 tensor
    of *deltas* from the current global model (differences of nearby numbers are
    exact in floating point, full weights are not);
-3. an aggregation rule maps the deltas to one delta (``(n, d) -> (d,)``);
-4. the new global model is ``global + server_lr * delta``;
+3. a :class:`~strategies.registry.Pipeline` (pre-aggregation steps such as
+   clipping or s-resampling, then a robust rule such as Krum) maps the deltas
+   to one delta (``(n, d) -> (d,)``); client-reported ``num-examples`` never
+   weights anything;
+4. the server optimizer applies it: ``v <- server_momentum * v + delta``,
+   ``global <- global + server_lr * v``;
 5. per-node diagnostics (accepted/rejected and why, update norm, cosine to the
-   aggregate, weight) are kept in :attr:`BastionStrategy.last_diagnostics`.
+   aggregate, the client's weight in the aggregate, selected or not, the rule's
+   score) are kept in :attr:`RobustStrategy.last_round`.
+
+A rule whose preconditions fail for this round (e.g. Krum needs n >= 2f + 3
+and too few replies were accepted) leaves the model unchanged for the round
+and records why; the run goes on.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from logging import INFO, WARNING
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -28,19 +38,13 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from strategies.layout import ModelLayout
+from strategies.registry import Pipeline, build_aggregator, build_preaggregator, compose
 from strategies.validation import (
     METRICS_KEY,
     RejectedReply,
     check_finite,
     check_train_reply,
 )
-
-AggregateFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def plain_mean(deltas: torch.Tensor) -> torch.Tensor:
-    """Unweighted mean of the rows of ``deltas`` (accumulated in float64)."""
-    return deltas.mean(dim=0, dtype=torch.float64).to(deltas.dtype)
 
 
 @dataclass
@@ -58,6 +62,8 @@ class NodeDiagnostics:
     update_norm: float | None = None
     cosine_to_aggregate: float | None = None
     weight: float | None = None
+    selected: bool | None = None
+    score: float | None = None
 
     def to_json(self) -> dict[str, object]:
         """A JSON-ready dict (NaN becomes None)."""
@@ -76,17 +82,21 @@ class RoundSummary:
     num_rejected: int = 0
     train_loss: float | None = None
     slowest_train_seconds: float | None = None
+    num_byzantine_after_preaggregation: int | None = None
+    aggregation_error: str | None = None
     nodes: list[NodeDiagnostics] = field(default_factory=list)
 
 
-class BastionStrategy(FedAvg):
-    """FedAvg's sampling with per-reply validation and a pluggable rule over deltas."""
+class RobustStrategy(FedAvg):
+    """FedAvg's node sampling; per-reply validation and a robust pipeline over deltas."""
 
     def __init__(
         self,
         *,
-        aggregate_fn: AggregateFn = plain_mean,
+        pipeline: Pipeline | None = None,
+        num_byzantine: int = 0,
         server_lr: float = 1.0,
+        server_momentum: float = 0.0,
         fraction_train: float = 1.0,
         fraction_evaluate: float = 1.0,
         min_train_nodes: int = 2,
@@ -100,15 +110,25 @@ class BastionStrategy(FedAvg):
             min_evaluate_nodes=min_evaluate_nodes,
             min_available_nodes=min_available_nodes,
         )
-        self.aggregate_fn = aggregate_fn
+        self.pipeline = pipeline or compose([], build_aggregator("mean"))
+        self.num_byzantine = num_byzantine
         self.server_lr = server_lr
+        self.server_momentum = server_momentum
+        self._velocity: torch.Tensor | None = None
         self._global: ArrayRecord | None = None
         self._layout: ModelLayout | None = None
         self.last_round = RoundSummary()
 
     def summary(self) -> None:
         """Log the configuration (Flower calls this at start)."""
-        log(INFO, "BastionStrategy: rule=%s server_lr=%s", self.aggregate_fn, self.server_lr)
+        log(
+            INFO,
+            "RobustStrategy: %r, f=%d, server_lr=%s, server_momentum=%s",
+            self.pipeline,
+            self.num_byzantine,
+            self.server_lr,
+            self.server_momentum,
+        )
         super().summary()
 
     def configure_train(
@@ -169,15 +189,31 @@ class BastionStrategy(FedAvg):
             return None, None
 
         deltas = deltas[: len(accepted)]
-        aggregate = self.aggregate_fn(deltas)
+        try:
+            out = self.pipeline.aggregate(deltas, num_byzantine=self.num_byzantine)
+        except ValueError as exc:  # a rule's precondition, e.g. n >= 2f + 3 for Krum
+            summary.aggregation_error = str(exc)
+            log(WARNING, "round %d: aggregation skipped, model unchanged: %s", server_round, exc)
+            return None, None
+        aggregate = out.vector
+        summary.num_byzantine_after_preaggregation = out.num_byzantine
         agg_norm = float(aggregate.norm(dtype=torch.float64))
         cosines = (deltas.double() @ aggregate.double()) / (
             torch.linalg.vector_norm(deltas.double(), dim=1) * agg_norm
         ).clamp_min(1e-300)
-        for diag, cos in zip(accepted, cosines.tolist(), strict=True):
+        weights, selected, scores = _client_attribution(out, len(accepted))
+        for i, (diag, cos) in enumerate(zip(accepted, cosines.tolist(), strict=True)):
             diag.cosine_to_aggregate = cos if agg_norm > 0 else None
-            diag.weight = 1.0 / len(accepted)
-        new_global = global_flat.double() + self.server_lr * aggregate.double()
+            diag.weight = None if weights is None else weights[i]
+            diag.selected = None if selected is None else selected[i]
+            diag.score = None if scores is None else scores[i]
+        step = aggregate.double()
+        if self.server_momentum:
+            if self._velocity is None or self._velocity.shape != step.shape:
+                self._velocity = torch.zeros_like(step)
+            self._velocity.mul_(self.server_momentum).add_(step)
+            step = self._velocity
+        new_global = global_flat.double() + self.server_lr * step
 
         losses = [d.train_loss for d in accepted if d.train_loss is not None]
         times = [d.train_seconds for d in accepted if d.train_seconds is not None]
@@ -217,9 +253,59 @@ class BastionStrategy(FedAvg):
         )
 
 
+def _client_attribution(
+    out: Any, n: int
+) -> tuple[list[float] | None, list[bool] | None, list[float] | None]:
+    """Per-client weight in the aggregate, selected flag and score, where defined.
+
+    Weights come from the pipeline's ``client_weights`` (the rule's weights pushed
+    back through the pre-aggregation mixing). Selection and scores refer to the
+    rule's inputs, which are the clients only when no pre-aggregation step mixed them.
+    """
+    weights = None if out.client_weights is None else out.client_weights.tolist()
+    identity = out.mixing.shape == (n, n) and bool(
+        torch.equal(out.mixing, torch.eye(n, dtype=out.mixing.dtype))
+    )
+    selected = scores = None
+    if out.aggregation.selected is not None:
+        if identity:
+            chosen = set(out.aggregation.selected.tolist())
+            selected = [i in chosen for i in range(n)]
+        elif weights is not None:
+            selected = [abs(w) > 0 for w in weights]
+    if identity and out.aggregation.scores is not None:
+        scores = out.aggregation.scores.tolist()
+    return weights, selected, scores
+
+
 def _float_or_none(value: object) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def _int_or_none(value: object) -> int | None:
     return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def pipeline_from_config(cfg: Any) -> Pipeline:
+    """Build the pre-aggregation steps and the rule from a :class:`bastion.config.RunConfig`.
+
+    Step order: ``clip`` (``clip-norm`` > 0), ``nnm`` (``nnm = true``), then
+    ``bucket`` (``bucketing-s`` > 0) or ``resample`` (``resampling-s`` > 0).
+    """
+    steps = []
+    if cfg.clip_norm > 0:
+        steps.append(build_preaggregator("clip", max_norm=cfg.clip_norm))
+    if cfg.nnm:
+        steps.append(build_preaggregator("nnm"))
+    if cfg.bucketing_s > 0:
+        steps.append(build_preaggregator("bucket", s=cfg.bucketing_s, seed=cfg.seed))
+    if cfg.resampling_s > 0:
+        steps.append(build_preaggregator("resample", s=cfg.resampling_s, seed=cfg.seed))
+    params: dict[str, Any] = {}
+    if cfg.aggregator == "multi-krum" and cfg.multi_krum_m > 0:
+        params["m"] = cfg.multi_krum_m
+    elif cfg.aggregator == "geometric-median":
+        params |= {"max_iter": cfg.gm_max_iter, "nu": cfg.gm_nu, "tol": cfg.gm_tol}
+    elif cfg.aggregator == "centered-clipping":
+        params |= {"tau": cfg.cc_tau, "iterations": cfg.cc_iterations}
+    return compose(steps, build_aggregator(cfg.aggregator, **params))

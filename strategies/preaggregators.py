@@ -1,0 +1,279 @@
+"""Pre-aggregation steps: ``(n, d)`` client deltas -> ``(m, d)`` mixed updates.
+
+A pre-aggregator is a callable ``pre(x, *, num_byzantine=f)`` returning a
+:class:`PreAggregationOutput`: the new updates, the Byzantine count to hand to
+the next step, and the ``(m, n)`` mixing matrix whose row ``i`` gives the
+coefficients of output ``i`` over the inputs (so diagnostics can trace outputs
+back to clients). Steps compose: the output of one feeds the next, and the
+mixing matrices multiply (see :class:`strategies.registry.Pipeline`).
+
+Byzantine-count rules (derivations in ``docs/AGGREGATION.md``):
+
+========= ===================== =============================================
+step      outputs               Byzantine count handed on
+========= ===================== =============================================
+clip      n                     f      (clipping is per input)
+resample  n                     min(s * f, n)  (each input feeds s outputs)
+bucket    ceil(n / s)           min(f, ceil(n / s))  (an input is in 1 bucket)
+nnm       n                     f      (Allouah et al. 2023, Lemma/Thm on NNM)
+========= ===================== =============================================
+
+Randomised steps hold a CPU ``torch.Generator`` seeded with ``seed`` and
+expose ``state_dict()`` / ``load_state_dict()`` so a resumed server draws the
+same sequence. No Flower imports here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import Tensor
+
+from strategies import _kernels as K
+from strategies.aggregators import _positive, check_num_byzantine, validate_updates
+
+__all__ = [
+    "Bucket",
+    "Clip",
+    "NearestNeighborMixing",
+    "PreAggregationOutput",
+    "PreAggregator",
+    "Resample",
+]
+
+
+class PreAggregationOutput(NamedTuple):
+    """Result of one pre-aggregation step.
+
+    updates:       ``(m, d)`` tensor, same dtype/device as the input.
+    num_byzantine: how many of the ``m`` outputs may be Byzantine-influenced;
+                   the ``f`` to hand to the next step or the aggregator.
+    mixing:        ``(m, n)`` float64 CPU tensor, ``updates ~= mixing @ x``.
+    """
+
+    updates: Tensor
+    num_byzantine: int
+    mixing: Tensor | None = None
+
+
+class PreAggregator:
+    """Base class: input and ``f`` validation, ``no_grad``, (empty) state."""
+
+    name: ClassVar[str] = "pre-aggregator"
+
+    def __call__(self, x: Tensor, *, num_byzantine: int) -> PreAggregationOutput:
+        """Apply the step to the rows of ``x`` given ``f = num_byzantine``."""
+        x = validate_updates(x, self.name)
+        f = check_num_byzantine(self.name, num_byzantine, allow_none=False)
+        assert f is not None
+        with torch.no_grad():
+            return self._apply(x, f)
+
+    def _apply(self, x: Tensor, f: int) -> PreAggregationOutput:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """Checkpointable state (empty for deterministic steps)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output."""
+        if state:
+            raise ValueError(f"{self.name} is stateless, got state keys {sorted(state)}")
+
+    def params(self) -> dict[str, Any]:
+        """Build parameters (for logging and ``repr``)."""
+        return {}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{type(self).__name__}({args})"
+
+
+class _Randomized(PreAggregator):
+    """A step that draws from its own seeded CPU generator."""
+
+    def __init__(self, *, seed: int = 0) -> None:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"{self.name}: seed must be an int, got {seed!r}")
+        self.seed = seed
+        self.generator = torch.Generator(device="cpu")
+        self.generator.manual_seed(seed)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"generator": ByteTensor}`` -- the generator's state."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if set(state) != {"generator"}:
+            raise ValueError(
+                f"{self.name}: state must have exactly the key 'generator', got {sorted(state)}"
+            )
+        self.generator.set_state(state["generator"])
+
+
+class Clip(PreAggregator):
+    """Server-side L2 norm clipping: ``x_i * min(1, max_norm / ||x_i||)``.
+
+    Bounds each client's influence on any later (even non-robust) step; a
+    common companion of robust rules (e.g. Allouah et al. 2023; Karimireddy et
+    al. 2021 clip around a centre instead, see ``centered-clipping``). Norms
+    are computed in float64; the scaled rows are rounded to the input dtype,
+    so an output norm can exceed ``max_norm`` by float rounding (~1e-7
+    relative in float32). The Byzantine count is unchanged: output ``i``
+    depends on input ``i`` only. ``mixing`` is ``diag(scale)``.
+    """
+
+    name = "clip"
+
+    def __init__(self, *, max_norm: float) -> None:
+        self.max_norm = float(_positive(self.name, "max_norm", max_norm))
+
+    def params(self) -> dict[str, Any]:
+        return {"max_norm": self.max_norm}
+
+    def _apply(self, x, f):
+        norms = K.row_sq_norms(x).to("cpu").sqrt_()
+        if not bool(torch.isfinite(norms).all()):
+            K.assert_finite(x, self.name)
+            raise ValueError("clip: norms overflow float64")
+        scale = torch.where(norms > self.max_norm, self.max_norm / norms.clamp(min=1e-300), 1.0)
+        out = x * scale.to(device=x.device, dtype=x.dtype)[:, None]
+        return PreAggregationOutput(out, f, torch.diag(scale))
+
+
+class Resample(_Randomized):
+    """s-resampling (Karimireddy, He & Jaggi, "Byzantine-Robust Learning on
+    Heterogeneous Datasets via Resampling", arXiv:2006.09365 / ICLR 2022
+    submission, Algorithm 2 "s-Resampling").
+
+    Produces ``T = n`` outputs; output ``t`` is the mean of ``s`` distinct
+    inputs drawn uniformly without replacement from the inputs used fewer
+    than ``s`` times so far. With ``T = n`` every input ends up used exactly
+    ``s`` times. Taken literally the draw can get stuck in the last rounds
+    (fewer than ``s`` inputs still have uses left, e.g. n=3, s=2, first two
+    outputs {0,1}, {0,1}); so an input whose remaining uses equal the number
+    of outputs still to form -- it must appear in all of them -- is included
+    deterministically and the rest of the ``s`` are drawn uniformly from the
+    other inputs with uses left. When no input is forced this *is* the
+    paper's draw, and it can never get stuck (the invariant "remaining uses
+    <= outputs left" is kept).
+
+    A Byzantine input feeds exactly ``s`` outputs, so up to ``s * f`` outputs
+    may be tainted: the count handed on is ``min(s * f, n)``. Requires
+    ``1 <= s <= n``.
+    """
+
+    name = "resample"
+
+    def __init__(self, *, s: int = 2, seed: int = 0) -> None:
+        super().__init__(seed=seed)
+        self.s = _positive(self.name, "s", s, integer=True)
+
+    def params(self) -> dict[str, Any]:
+        return {"s": self.s, "seed": self.seed}
+
+    def draw(self, n: int) -> Tensor:
+        """The ``(n, n)`` mixing matrix of one resampling (consumes randomness)."""
+        s = self.s
+        if not 1 <= s <= n:
+            raise ValueError(f"resample needs 1 <= s <= n, got s={s}, n={n}")
+        remaining = [s] * n
+        mixing = torch.zeros(n, n, dtype=torch.float64)
+        for t in range(n):
+            left = n - t
+            forced = [i for i in range(n) if remaining[i] == left]
+            free = [i for i in range(n) if 0 < remaining[i] < left]
+            need = s - len(forced)
+            picks = torch.randperm(len(free), generator=self.generator)[:need].tolist()
+            chosen = forced + [free[j] for j in picks]
+            for i in chosen:
+                remaining[i] -= 1
+            mixing[t, chosen] = 1.0 / s
+        return mixing
+
+    def _apply(self, x, f):
+        n = x.shape[0]
+        mixing = self.draw(n)
+        out = K.mix_rows(x, mixing, self.name)
+        return PreAggregationOutput(out, min(self.s * f, n), mixing)
+
+
+class Bucket(_Randomized):
+    """Bucketing (Karimireddy, He & Jaggi, "Byzantine-Robust Learning on
+    Heterogeneous Datasets via Bucketing", ICLR 2022, Algorithm 1; analysed
+    with NNM by Allouah et al. 2023).
+
+    Shuffle the inputs with a uniformly random permutation, cut the shuffled
+    order into ``ceil(n / s)`` consecutive buckets of ``s`` inputs (the last
+    holds the ``n mod s`` left over when ``s`` does not divide ``n``), and
+    output each bucket's mean (the paper divides the last, shorter bucket by
+    ``s`` too; the mean keeps every output on the inputs' scale).
+
+    A Byzantine input lands in exactly one bucket, so at most ``f`` buckets
+    are tainted, and never more than there are buckets: the count handed on
+    is ``min(f, ceil(n / s))``. Requires ``s >= 1`` (``s >= n`` gives one
+    bucket, the plain mean).
+    """
+
+    name = "bucket"
+
+    def __init__(self, *, s: int = 2, seed: int = 0) -> None:
+        super().__init__(seed=seed)
+        self.s = _positive(self.name, "s", s, integer=True)
+
+    def params(self) -> dict[str, Any]:
+        return {"s": self.s, "seed": self.seed}
+
+    def draw(self, n: int) -> Tensor:
+        """The ``(ceil(n/s), n)`` mixing matrix of one bucketing."""
+        perm = torch.randperm(n, generator=self.generator)
+        buckets = math.ceil(n / self.s)
+        mixing = torch.zeros(buckets, n, dtype=torch.float64)
+        for b in range(buckets):
+            members = perm[b * self.s : (b + 1) * self.s]
+            mixing[b, members] = 1.0 / members.numel()
+        return mixing
+
+    def _apply(self, x, f):
+        n = x.shape[0]
+        mixing = self.draw(n)
+        out = K.mix_rows(x, mixing, self.name)
+        return PreAggregationOutput(out, min(f, mixing.shape[0]), mixing)
+
+
+class NearestNeighborMixing(PreAggregator):
+    """Nearest-Neighbour Mixing, NNM (Allouah, Farhadkhani, Guerraoui, Gupta,
+    Pinot & Stephan, "Fixing by Mixing: A Recipe for Optimal Byzantine ML
+    under Heterogeneity", AISTATS 2023, Algorithm 1).
+
+    Output ``i`` is the mean of the ``n - f`` inputs nearest to ``x_i`` in
+    Euclidean distance, ``x_i`` itself included (it is always first; other
+    ties go to the lower index). Distances come from the mean-centred float64
+    Gram matrix.
+
+    The count handed on stays ``f``: an output built around a Byzantine
+    input can be anything, but an output around an honest input averages
+    ``n - f`` inputs of which at most ``f`` are Byzantine and all lie no
+    farther from ``x_i`` than its ``(n - f)``-th honest neighbour, and the
+    paper's guarantee (``F o NNM`` is ``(f, O(kappa))``-robust when ``F`` is
+    ``(f, kappa)``-robust) is stated for the next rule run with the same
+    ``f``. Requires ``n > 2f``.
+    """
+
+    name = "nnm"
+
+    def _apply(self, x, f):
+        n = x.shape[0]
+        if not n > 2 * f:
+            raise ValueError(f"nnm needs n > 2f, got n={n}, f={f}")
+        dist = K.sq_dists_from_gram(K.centered_gram(x, self.name)).to("cpu")
+        dist.fill_diagonal_(-1.0)  # self first
+        nearest = torch.sort(dist, dim=1, stable=True).indices[:, : n - f]
+        mixing = torch.zeros(n, n, dtype=torch.float64)
+        mixing.scatter_(1, nearest, 1.0 / (n - f))
+        out = K.mix_rows(x, mixing, self.name)
+        return PreAggregationOutput(out, f, mixing)
