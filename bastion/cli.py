@@ -58,6 +58,8 @@ def build_run_config(args: argparse.Namespace, app_dir: Path) -> tuple[RunConfig
         "data-dir": str(Path(args.data_dir).resolve()) if args.data_dir else None,
         "partitioner": args.partitioner,
         "seed": args.seed,
+        "aggregator": args.aggregator,
+        "num-byzantine": args.num_byzantine,
     }
     overrides |= {k: v for k, v in flags.items() if v is not None}
     overrides.setdefault("min-available-nodes", args.clients)
@@ -274,6 +276,16 @@ def make_parser() -> argparse.ArgumentParser:
     run.add_argument("--data-dir", help="directory holding the dataset files")
     run.add_argument("--partitioner", help="iid | dirichlet | label-sorted | pathological")
     run.add_argument("--seed", type=int, help="seed of model init, partitioning and training")
+    run.add_argument(
+        "--aggregator",
+        help="mean | median | trimmed-mean | krum | multi-krum | "
+        "geometric-median | bulyan | centered-clipping",
+    )
+    run.add_argument(
+        "--num-byzantine",
+        type=int,
+        help="Byzantine clients the rule must tolerate (f, run-config num-byzantine)",
+    )
     run.add_argument("--output-dir", help="results directory (default: a new folder in ./runs/)")
     run.add_argument(
         "--run-config",

@@ -20,7 +20,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 DatasetName = Literal["digits", "fashion-mnist", "mnist", "cifar10"]
 PartitionerName = Literal["iid", "dirichlet", "label-sorted", "pathological"]
-AggregatorName = Literal["mean"]
+AggregatorName = Literal[
+    "mean",
+    "median",
+    "trimmed-mean",
+    "krum",
+    "multi-krum",
+    "geometric-median",
+    "bulyan",
+    "centered-clipping",
+]
 
 
 class ConfigError(ValueError):
@@ -121,6 +130,19 @@ class RunConfig(_FlatModel):
     local_steps: int = Field(0, ge=0, le=10_000_000)
     batch_size: int = Field(32, ge=1, le=1_000_000)
     aggregator: AggregatorName = "mean"
+    num_byzantine: int = Field(0, ge=0, le=100_000)
+    clip_norm: float = Field(0.0, ge=0)
+    nnm: bool = False
+    bucketing_s: int = Field(0, ge=0, le=100_000)
+    resampling_s: int = Field(0, ge=0, le=100_000)
+    multi_krum_m: int = Field(0, ge=0, le=100_000)
+    gm_max_iter: int = Field(100, ge=1, le=100_000)
+    gm_nu: float = Field(1e-6, gt=0)
+    gm_tol: float = Field(1e-10, ge=0)
+    cc_tau: float = Field(10.0, gt=0)
+    cc_iterations: int = Field(1, ge=1, le=1000)
+    server_lr: float = Field(1.0, gt=0, le=100)
+    server_momentum: float = Field(0.0, ge=0, lt=1)
     fraction_train: float = Field(1.0, gt=0, le=1)
     min_train_nodes: int = Field(2, ge=1)
     min_available_nodes: int = Field(2, ge=1)
@@ -135,6 +157,12 @@ class RunConfig(_FlatModel):
             raise ValueError(
                 "keys 'local-epochs' and 'local-steps' are both 0; set local-epochs >= 1 "
                 "or local-steps >= 1 (local-steps > 0 takes precedence)"
+            )
+        if self.bucketing_s > 0 and self.resampling_s > 0:
+            raise ValueError(
+                f"keys 'bucketing-s' ({self.bucketing_s}) and 'resampling-s' "
+                f"({self.resampling_s}) are both set; allowed: at most one of them > 0 "
+                "(both regroup the updates into means of s; chaining them has no use)"
             )
         if self.min_train_nodes > self.min_available_nodes:
             raise ValueError(

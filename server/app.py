@@ -24,7 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from bastion.config import RunConfig
 from server.results import RunResults, default_run_dir
-from strategies.strategy import BastionStrategy, NodeDiagnostics
+from strategies.strategy import NodeDiagnostics, RobustStrategy, pipeline_from_config
 from task.datasets import load_dataset
 from task.models import build_model
 from task.training import evaluate, resolve_device
@@ -87,7 +87,11 @@ def _run(grid: Grid, cfg: RunConfig, results: RunResults) -> None:
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.dataset)
     _, test_set = load_dataset(cfg.dataset, cfg.data_dir or None)
-    strategy = BastionStrategy(
+    strategy = RobustStrategy(
+        pipeline=pipeline_from_config(cfg),
+        num_byzantine=cfg.num_byzantine,
+        server_lr=cfg.server_lr,
+        server_momentum=cfg.server_momentum,
         fraction_train=cfg.fraction_train,
         fraction_evaluate=1.0,
         min_train_nodes=cfg.min_train_nodes,
@@ -151,6 +155,8 @@ def _run(grid: Grid, cfg: RunConfig, results: RunResults) -> None:
             "num_replies": summary.num_replies,
             "num_accepted": summary.num_accepted,
             "num_rejected": summary.num_rejected + len(missing),
+            "num_byzantine_after_preaggregation": summary.num_byzantine_after_preaggregation,
+            "aggregation_error": summary.aggregation_error,
             "round_seconds": round_seconds,
             "slowest_train_seconds": slowest,
             "overhead_seconds": None if slowest is None else round_seconds - slowest,

@@ -82,6 +82,38 @@ def test_three_supernodes_train_digits_over_grpc_and_everything_stops(tmp_path, 
     assert "round  3/3" in proc.stdout and "final accuracy" in proc.stdout
 
 
+def test_krum_runs_over_the_federation_and_reports_its_choice(tmp_path, bastion_env):
+    env, tag = bastion_env
+    out = tmp_path / "run"
+    proc = run_bastion(
+        [
+            "--clients",
+            "4",
+            "--rounds",
+            "2",
+            "--aggregator",
+            "krum",
+            "--num-byzantine",
+            "0",
+            "--output-dir",
+            str(out),
+        ],
+        env,
+        timeout=420,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert tagged_processes(tag) == []
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["aggregator"] == "krum" and summary["final_accuracy"] > 0.6
+    diags = [json.loads(line) for line in (out / "diagnostics.jsonl").read_text().splitlines()]
+    for rnd in (1, 2):
+        this = [d for d in diags if d["round"] == rnd]
+        assert len(this) == 4 and all(d["score"] is not None for d in this)
+        chosen = [d for d in this if d["selected"]]
+        assert len(chosen) == 1 and chosen[0]["weight"] == 1.0
+        assert chosen[0]["score"] == min(d["score"] for d in this)  # Krum picks the lowest
+
+
 def test_ctrl_c_stops_every_process(tmp_path, bastion_env):
     env, tag = bastion_env
     out = tmp_path / "run"

@@ -1,4 +1,4 @@
-"""BastionStrategy on in-memory Messages: per-reply validation, mean of deltas, diagnostics."""
+"""RobustStrategy on in-memory Messages: per-reply validation, mean of deltas, diagnostics."""
 
 from __future__ import annotations
 
@@ -19,8 +19,10 @@ from flwr.app import (
 )
 from flwr.supercore.task_identity import TaskIdentity
 
+from bastion.config import RunConfig
+from strategies import build_aggregator, compose
 from strategies.layout import ModelLayout
-from strategies.strategy import BastionStrategy
+from strategies.strategy import RobustStrategy, pipeline_from_config
 
 
 @pytest.fixture(autouse=True)
@@ -64,13 +66,13 @@ class FakeGrid:
         return self.nodes
 
 
-def configured(strategy: BastionStrategy, global_arrays: dict[str, np.ndarray]) -> None:
+def configured(strategy: RobustStrategy, global_arrays: dict[str, np.ndarray]) -> None:
     record = ArrayRecord(OrderedDict((k, Array(v)) for k, v in global_arrays.items()))
     list(strategy.configure_train(1, record, ConfigRecord(), FakeGrid([1, 2, 3, 4])))
 
 
 def test_mean_of_deltas_is_applied_to_the_global_model() -> None:
-    strategy = BastionStrategy(min_available_nodes=1, min_train_nodes=1)
+    strategy = RobustStrategy(min_available_nodes=1, min_train_nodes=1)
     base = model_arrays()
     configured(strategy, base)
     deltas = [0.25, 0.5, 1.5]
@@ -99,7 +101,7 @@ MALFORMED = {
 
 @pytest.mark.parametrize("kind", sorted(MALFORMED))
 def test_one_malformed_reply_is_rejected_with_a_reason_and_the_round_goes_on(kind: str) -> None:
-    strategy = BastionStrategy(min_available_nodes=1, min_train_nodes=1)
+    strategy = RobustStrategy(min_available_nodes=1, min_train_nodes=1)
     configured(strategy, model_arrays())
     good = [reply(1, model_arrays(1.0)), reply(2, model_arrays(3.0))]
     new, _ = strategy.aggregate_train(1, [good[0], MALFORMED[kind](), good[1]])
@@ -112,7 +114,7 @@ def test_one_malformed_reply_is_rejected_with_a_reason_and_the_round_goes_on(kin
 
 
 def test_all_rejected_leaves_the_model_unchanged() -> None:
-    strategy = BastionStrategy(min_available_nodes=1, min_train_nodes=1)
+    strategy = RobustStrategy(min_available_nodes=1, min_train_nodes=1)
     configured(strategy, model_arrays())
     new, metrics = strategy.aggregate_train(1, [MALFORMED["nan"]()])
     assert new is None and metrics is None
@@ -120,7 +122,7 @@ def test_all_rejected_leaves_the_model_unchanged() -> None:
 
 
 def test_diagnostics_norms_and_cosines() -> None:
-    strategy = BastionStrategy(min_available_nodes=1, min_train_nodes=1)
+    strategy = RobustStrategy(min_available_nodes=1, min_train_nodes=1)
     configured(strategy, model_arrays())
     strategy.aggregate_train(1, [reply(1, model_arrays(1.0)), reply(2, model_arrays(-1.0 / 3))])
     d1, d2 = strategy.last_round.nodes
@@ -146,9 +148,67 @@ def test_layout_round_trip_keeps_names_shapes_dtypes() -> None:
 
 def test_deltas_are_exact_when_weights_are_large() -> None:
     # weights ~1e4, update 1e-3: the delta must survive (no full-weight averaging error)
-    strategy = BastionStrategy(min_available_nodes=1, min_train_nodes=1)
+    strategy = RobustStrategy(min_available_nodes=1, min_train_nodes=1)
     big = OrderedDict(w=np.full(4, 1e4, np.float32))
     configured(strategy, big)
     step = np.float32(1e4) + np.float32(2**-10)  # one float32 ulp above 1e4
     new, _ = strategy.aggregate_train(1, [reply(1, {"w": np.full(4, step, np.float32)})])
     assert torch.equal(torch.from_numpy(new.to_numpy_ndarrays()[0]), torch.full((4,), float(step)))
+
+
+def test_krum_through_the_strategy_selects_an_honest_reply_and_reports_scores() -> None:
+    strategy = RobustStrategy(
+        pipeline=compose([], build_aggregator("krum")),
+        num_byzantine=1,
+        min_available_nodes=1,
+        min_train_nodes=1,
+    )
+    configured(strategy, model_arrays())
+    honest = [1.0, 1.1, 0.9, 1.05]
+    replies = [reply(i + 1, model_arrays(d)) for i, d in enumerate(honest)]
+    replies.append(reply(99, model_arrays(500.0)))  # the outlier (f = 1)
+    new, _ = strategy.aggregate_train(1, replies)
+    picked = new.to_numpy_ndarrays()[1][0] + 50.0
+    assert min(abs(picked - h) for h in honest) < 1e-4
+    nodes = {d.node_id: d for d in strategy.last_round.nodes}
+    assert nodes[99].selected is False and nodes[99].weight == 0.0
+    assert sum(d.selected for d in nodes.values()) == 1
+    # Krum scores: the outlier's is the largest
+    assert nodes[99].score == max(d.score for d in nodes.values())
+
+
+def test_rule_precondition_failure_keeps_the_model_and_says_why() -> None:
+    strategy = RobustStrategy(
+        pipeline=compose([], build_aggregator("krum")),
+        num_byzantine=2,
+        min_available_nodes=1,
+        min_train_nodes=1,
+    )
+    configured(strategy, model_arrays())
+    new, metrics = strategy.aggregate_train(1, [reply(i, model_arrays(1.0)) for i in range(1, 5)])
+    assert new is None and metrics is None
+    error = strategy.last_round.aggregation_error
+    assert "krum" in error and "n=4" in error and "f=2" in error
+
+
+def test_server_momentum_accumulates_over_rounds() -> None:
+    strategy = RobustStrategy(
+        server_lr=0.5, server_momentum=0.5, min_available_nodes=1, min_train_nodes=1
+    )
+    base = OrderedDict(w=np.zeros(2, np.float32))
+    configured(strategy, base)
+    first, _ = strategy.aggregate_train(1, [reply(1, {"w": np.ones(2, np.float32)})])
+    assert np.allclose(first.to_numpy_ndarrays()[0], 0.5)  # v = 1, w = 0 + 0.5 * 1
+    configured(strategy, {"w": first.to_numpy_ndarrays()[0]})
+    second, _ = strategy.aggregate_train(2, [reply(1, {"w": np.full(2, 1.5, np.float32)})])
+    # delta = 1.0; v = 0.5 * 1 + 1 = 1.5; w = 0.5 + 0.5 * 1.5 = 1.25
+    assert np.allclose(second.to_numpy_ndarrays()[0], 1.25)
+
+
+def test_pipeline_from_run_config_orders_steps_and_adjusts_f() -> None:
+    cfg = RunConfig(aggregator="median", num_byzantine=2, clip_norm=5.0, resampling_s=2)
+    pipeline = pipeline_from_config(cfg)
+    assert [type(p).__name__ for p in pipeline.preaggregators] == ["Clip", "Resample"]
+    out = pipeline.aggregate(torch.randn(10, 4), num_byzantine=2)
+    assert out.num_byzantine == 4  # after s-resampling up to s * f outputs are tainted
+    assert type(pipeline_from_config(RunConfig(aggregator="krum")).aggregator).__name__ == "Krum"
