@@ -154,28 +154,32 @@ class RobustStrategy(FedAvg):
             diag = NodeDiagnostics(
                 round=server_round, node_id=int(msg.metadata.src_node_id), status="accepted"
             )
+            row = deltas[len(accepted)]
             try:
                 check_train_reply(msg, layout)
-                metrics = msg.content.metric_records[METRICS_KEY]
-                row = deltas[len(accepted)]
                 layout.flatten_into(msg.content.array_records["arrays"], row)
                 check_finite("update", row)
+            except ValueError as exc:  # RejectedReply, or payload bytes that contradict
+                reason = str(exc)  # the Array's own metadata (malformed .npy)
+                if not isinstance(exc, RejectedReply):
+                    reason = f"undecodable update: {reason}"
+                diag.status, diag.reason = "rejected", reason
+                log(
+                    WARNING,
+                    "round %d: rejected reply from node %d: %s",
+                    server_round,
+                    diag.node_id,
+                    reason,
+                )
+            else:
                 row.sub_(global_flat)
+                metrics = msg.content.metric_records[METRICS_KEY]
                 diag.partition_id = _int_or_none(metrics.get("partition-id"))
                 diag.num_examples = float(metrics["num-examples"])
                 diag.train_loss = _float_or_none(metrics.get("train-loss"))
                 diag.train_seconds = _float_or_none(metrics.get("train-seconds"))
                 diag.update_norm = float(row.norm(dtype=torch.float64))
                 accepted.append(diag)
-            except RejectedReply as exc:
-                diag.status, diag.reason = "rejected", str(exc)
-                log(
-                    WARNING,
-                    "round %d: rejected reply from node %d: %s",
-                    server_round,
-                    diag.node_id,
-                    exc,
-                )
             summary.nodes.append(diag)
         summary.num_accepted = len(accepted)
         summary.num_rejected = len(replies) - len(accepted)
@@ -198,9 +202,11 @@ class RobustStrategy(FedAvg):
         aggregate = out.vector
         summary.num_byzantine_after_preaggregation = out.num_byzantine
         agg_norm = float(aggregate.norm(dtype=torch.float64))
-        cosines = (deltas.double() @ aggregate.double()) / (
-            torch.linalg.vector_norm(deltas.double(), dim=1) * agg_norm
-        ).clamp_min(1e-300)
+        # Diagnostics only: a float32 matvec (no n x d float64 copy) and the row norms
+        # measured at decoding.
+        norms = torch.tensor([d.update_norm or 0.0 for d in accepted], dtype=torch.float64)
+        dots = (deltas @ aggregate.to(deltas.dtype)).double()
+        cosines = dots / (norms * agg_norm).clamp_min(1e-300)
         weights, selected, scores = _client_attribution(out, len(accepted))
         for i, (diag, cos) in enumerate(zip(accepted, cosines.tolist(), strict=True)):
             diag.cosine_to_aggregate = cos if agg_norm > 0 else None

@@ -212,3 +212,17 @@ def test_pipeline_from_run_config_orders_steps_and_adjusts_f() -> None:
     out = pipeline.aggregate(torch.randn(10, 4), num_byzantine=2)
     assert out.num_byzantine == 4  # after s-resampling up to s * f outputs are tainted
     assert type(pipeline_from_config(RunConfig(aggregator="krum")).aggregator).__name__ == "Krum"
+
+
+def test_payload_that_contradicts_its_metadata_is_rejected_not_crashing() -> None:
+    strategy = RobustStrategy(min_available_nodes=1, min_train_nodes=1)
+    configured(strategy, model_arrays())
+    liar = reply(9, model_arrays(1.0))
+    arr = liar.content.array_records["arrays"]["bias"]
+    # metadata still says float32 (3,), the bytes hold float64 (3,)
+    forged = Array(np.zeros(3, np.float64))
+    arr.__dict__["data"] = forged.data
+    new, _ = strategy.aggregate_train(1, [reply(1, model_arrays(2.0)), liar])
+    nodes = {d.node_id: d for d in strategy.last_round.nodes}
+    assert nodes[9].status == "rejected" and "undecodable" in nodes[9].reason
+    assert np.allclose(new.to_numpy_ndarrays()[1], -48.0)
