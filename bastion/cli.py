@@ -78,6 +78,30 @@ def build_run_config(args: argparse.Namespace, app_dir: Path) -> tuple[RunConfig
     return RunConfig.from_flat(full), overrides
 
 
+def check_rule_fits(cfg: RunConfig, clients: int) -> str | None:
+    """Why the aggregation pipeline cannot run with ``clients`` replies, or ``None``.
+
+    Runs the configured pipeline once on random updates of the right count, so a
+    rule whose precondition fails (e.g. Krum after s-resampling needs
+    n >= 2 s f + 3) is reported before any process starts.
+    """
+    import torch
+
+    from strategies.strategy import pipeline_from_config
+
+    replies = max(1, int(clients * cfg.fraction_train))
+    try:
+        pipeline_from_config(cfg).aggregate(
+            torch.randn(replies, 4), num_byzantine=cfg.num_byzantine
+        )
+    except ValueError as exc:
+        return (
+            f"aggregator {cfg.aggregator!r} with num-byzantine={cfg.num_byzantine} cannot run "
+            f"on {replies} replies per round: {exc}"
+        )
+    return None
+
+
 def _fresh_run_dir(cfg: dict[str, Any]) -> Path:
     from server.results import default_run_dir
 
@@ -188,6 +212,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    problem = check_rule_fits(cfg, args.clients)
+    if problem:
+        print(f"bastion: {problem}", file=sys.stderr)
+        return 2
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     threads = args.torch_threads or max(1, (os.cpu_count() or 1) // args.clients)
@@ -219,6 +247,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                 print(progress_line(row, cfg.num_server_rounds), flush=True)
                 for reason in rejection_reasons(run_dir / "diagnostics.jsonl", row):
                     print(f"          rejected: {reason}", flush=True)
+                if row.get("aggregation_error"):
+                    print(
+                        f"          aggregation skipped, model unchanged: "
+                        f"{row['aggregation_error']}",
+                        flush=True,
+                    )
             if finished:
                 break
             dead = [p for p in fed.dead_processes() if p.name == "superlink"]

@@ -73,3 +73,16 @@ def test_progress_and_table_show_the_round_numbers() -> None:
     table = final_table([{"round": 0, "central_accuracy": 0.1}, row])
     assert table.splitlines()[2].split()[:2] == ["2", "0.9123"]
     assert table.splitlines()[1].split()[2] == "-"  # missing values shown as '-'
+
+
+def test_rule_that_cannot_run_on_the_client_count_is_reported_up_front() -> None:
+    from bastion.cli import check_rule_fits
+    from bastion.config import RunConfig
+
+    # s-resampling multiplies f by s: Krum then needs n >= 2 * (2 * 2) + 3 = 11.
+    cfg = RunConfig(aggregator="krum", num_byzantine=2, resampling_s=2)
+    problem = check_rule_fits(cfg, 10)
+    assert problem and "krum" in problem and "n=10" in problem and "f=4" in problem
+    assert check_rule_fits(cfg, 11) is None
+    assert check_rule_fits(RunConfig(aggregator="bulyan", num_byzantine=1), 7) is None
+    assert "bulyan" in check_rule_fits(RunConfig(aggregator="bulyan", num_byzantine=1), 6)
