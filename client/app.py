@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from bastion.config import NodeConfig, RunConfig, TrainInstructions
-from task.federated import PartitionSpec, load_client_data
+from task.federated import ClientData, PartitionSpec, load_client_data
 from task.models import build_model
 from task.training import evaluate as evaluate_model
 from task.training import resolve_device, train_local
@@ -39,8 +39,9 @@ def _setup(context: Context) -> tuple[RunConfig, NodeConfig]:
     return run, node
 
 
-def _spec(run: RunConfig, node: NodeConfig) -> PartitionSpec:
-    return PartitionSpec(
+def _client_data(run: RunConfig, node: NodeConfig) -> ClientData:
+    """This node's local train/test split (the node's data-dir wins over the run's)."""
+    spec = PartitionSpec(
         dataset=run.dataset,
         num_partitions=node.num_partitions,
         partitioner=run.partitioner,
@@ -49,6 +50,7 @@ def _spec(run: RunConfig, node: NodeConfig) -> PartitionSpec:
         classes_per_partition=run.classes_per_partition,
         test_fraction=run.local_test_fraction,
     )
+    return load_client_data(spec, node.partition_id, node.data_dir or run.data_dir)
 
 
 def _model_from(message: Message, dataset: str) -> torch.nn.Module:
@@ -62,7 +64,7 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this node's partition and reply with it."""
     run, node = _setup(context)
     instr = TrainInstructions.from_flat(msg.content["config"], source="train config")
-    data = load_client_data(_spec(run, node), node.partition_id, node.data_dir or run.data_dir)
+    data = _client_data(run, node)
     device = resolve_device(run.device)
     model = _model_from(msg, run.dataset)
     result = train_local(
@@ -94,7 +96,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this node's local test split."""
     run, node = _setup(context)
-    data = load_client_data(_spec(run, node), node.partition_id, node.data_dir or run.data_dir)
+    data = _client_data(run, node)
     result = evaluate_model(
         _model_from(msg, run.dataset), data.test, device=resolve_device(run.device)
     )

@@ -115,6 +115,17 @@ class _Randomized(PreAggregator):
         self.generator.set_state(state["generator"])
 
 
+class _GroupsOfS(_Randomized):
+    """A randomized step that averages inputs in groups of ``s`` (resample, bucket)."""
+
+    def __init__(self, *, s: int = 2, seed: int = 0) -> None:
+        super().__init__(seed=seed)
+        self.s = _positive(self.name, "s", s, integer=True)
+
+    def params(self) -> dict[str, Any]:
+        return {"s": self.s, "seed": self.seed}
+
+
 class Clip(PreAggregator):
     """Server-side L2 norm clipping: ``x_i * min(1, max_norm / ||x_i||)``.
 
@@ -145,7 +156,7 @@ class Clip(PreAggregator):
         return PreAggregationOutput(out, f, torch.diag(scale))
 
 
-class Resample(_Randomized):
+class Resample(_GroupsOfS):
     """s-resampling (Karimireddy, He & Jaggi, "Byzantine-Robust Learning on
     Heterogeneous Datasets via Resampling", arXiv:2006.09365 / ICLR 2022
     submission, Algorithm 2 "s-Resampling").
@@ -168,13 +179,6 @@ class Resample(_Randomized):
     """
 
     name = "resample"
-
-    def __init__(self, *, s: int = 2, seed: int = 0) -> None:
-        super().__init__(seed=seed)
-        self.s = _positive(self.name, "s", s, integer=True)
-
-    def params(self) -> dict[str, Any]:
-        return {"s": self.s, "seed": self.seed}
 
     def draw(self, n: int) -> Tensor:
         """The ``(n, n)`` mixing matrix of one resampling (consumes randomness)."""
@@ -202,7 +206,7 @@ class Resample(_Randomized):
         return PreAggregationOutput(out, min(self.s * f, n), mixing)
 
 
-class Bucket(_Randomized):
+class Bucket(_GroupsOfS):
     """Bucketing (Karimireddy, He & Jaggi, "Byzantine-Robust Learning on
     Heterogeneous Datasets via Bucketing", ICLR 2022, Algorithm 1; analysed
     with NNM by Allouah et al. 2023).
@@ -220,13 +224,6 @@ class Bucket(_Randomized):
     """
 
     name = "bucket"
-
-    def __init__(self, *, s: int = 2, seed: int = 0) -> None:
-        super().__init__(seed=seed)
-        self.s = _positive(self.name, "s", s, integer=True)
-
-    def params(self) -> dict[str, Any]:
-        return {"s": self.s, "seed": self.seed}
 
     def draw(self, n: int) -> Tensor:
         """The ``(ceil(n/s), n)`` mixing matrix of one bucketing."""
