@@ -301,9 +301,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def make_parser() -> argparse.ArgumentParser:
     """The ``bastion`` argument parser."""
-    parser = argparse.ArgumentParser(prog="bastion", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="bastion",
+        description="Bastion: Byzantine-robust, differentially private federated learning "
+        "on Flower.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="train over a real local gRPC federation")
+    run = sub.add_parser(
+        "run",
+        help="train over a real local gRPC federation",
+        description="Start one SuperLink and N SuperNodes on loopback (gRPC Fleet API), submit "
+        "this app with `flwr run`, show each round, print a final table, stop every process.",
+    )
     run.add_argument("--clients", type=int, default=10, help="number of SuperNodes (default 10)")
     run.add_argument("--rounds", type=int, help="number of server rounds (num-server-rounds)")
     run.add_argument("--dataset", help="digits | fashion-mnist | mnist | cifar10")

@@ -154,8 +154,15 @@ def centered_gram(x: Tensor, rule: str = "gram") -> Tensor:
     """
     n, d = x.shape
     sub = 2048 if x.device.type != "cuda" else 16384
-    cols = chunk_columns(n, d, x.device, bytes_per_column=8 * n, cpu_target_bytes=1 << 22,
-                         input_itemsize=x.element_size(), min_columns=sub)
+    cols = chunk_columns(
+        n,
+        d,
+        x.device,
+        bytes_per_column=8 * n,
+        cpu_target_bytes=1 << 22,
+        input_itemsize=x.element_size(),
+        min_columns=sub,
+    )
     if cols >= sub:
         cols -= cols % sub
     gram = torch.zeros(n, n, dtype=torch.float64, device=x.device)
@@ -283,8 +290,14 @@ def combine_rows(
     use_all = m == n
     w_used = w[nz].to(x.device)
     rows_used = nz.tolist()
-    cols = chunk_columns(max(m, 1), d, x.device, bytes_per_column=8 * (max(m, 1) + 1),
-                         cpu_target_bytes=1 << 22, input_itemsize=x.element_size())
+    cols = chunk_columns(
+        max(m, 1),
+        d,
+        x.device,
+        bytes_per_column=8 * (max(m, 1) + 1),
+        cpu_target_bytes=1 << 22,
+        input_itemsize=x.element_size(),
+    )
     buf = torch.empty(max(m, 1), cols, dtype=torch.float64, device=x.device)
     acc_full = torch.empty(cols, dtype=torch.float64, device=x.device)
     for s, e in _chunks(d, cols):
@@ -415,7 +428,11 @@ def _run_network(rows: list[Tensor], spare: Tensor, network: Sequence[tuple[int,
 
 
 def _sorted_chunk_rows(
-    x: Tensor, s: int, e: int, buf: Tensor | None, network: Sequence[tuple[int, int]] | None,
+    x: Tensor,
+    s: int,
+    e: int,
+    buf: Tensor | None,
+    network: Sequence[tuple[int, int]] | None,
     rows_index: Tensor | None = None,
 ) -> tuple[list[Tensor], Tensor]:
     """Order columns ``s:e`` of ``x`` (optionally only rows ``rows_index``).
@@ -452,10 +469,15 @@ def _order_buffer(m: int, d: int, x: Tensor, network: object) -> tuple[Tensor | 
     (large enough that each elementwise op amortises its dispatch cost), about
     1M on CUDA, and at most ~5% of the input."""
     item = x.element_size()
-    cols = chunk_columns(m + 1, d, x.device, bytes_per_column=(m + 1) * item,
-                         cpu_target_bytes=32768 * (m + 1) * item,
-                         cuda_target_bytes=(1 << 20) * (m + 1) * item,
-                         input_itemsize=item)
+    cols = chunk_columns(
+        m + 1,
+        d,
+        x.device,
+        bytes_per_column=(m + 1) * item,
+        cpu_target_bytes=32768 * (m + 1) * item,
+        cuda_target_bytes=(1 << 20) * (m + 1) * item,
+        input_itemsize=item,
+    )
     if network is None:
         return None, cols
     return torch.empty(m + 1, cols, dtype=x.dtype, device=x.device), cols
@@ -609,8 +631,14 @@ def mix_rows(x: Tensor, mixing: Tensor, rule: str = "mix") -> Tensor:
             coef[r, : cols_r.numel()] = mix[r, cols_r]
         idx_flat = idx.flatten().to(x.device)
         coef = coef.to(x.device)[:, :, None]
-        cols = chunk_columns(n, d, x.device, bytes_per_column=m * k * (x.element_size() + 16),
-                             cpu_target_bytes=1 << 22, input_itemsize=x.element_size())
+        cols = chunk_columns(
+            n,
+            d,
+            x.device,
+            bytes_per_column=m * k * (x.element_size() + 16),
+            cpu_target_bytes=1 << 22,
+            input_itemsize=x.element_size(),
+        )
         for s, e in _chunks(d, cols):
             gathered = torch.index_select(x[:, s:e], 0, idx_flat).view(m, k, e - s)
             acc = (gathered.to(torch.float64) * coef).sum(dim=1)
@@ -618,8 +646,14 @@ def mix_rows(x: Tensor, mixing: Tensor, rule: str = "mix") -> Tensor:
             out[:, s:e].copy_(acc)
     else:
         mix_dev = mix.to(x.device)
-        cols = chunk_columns(n, d, x.device, bytes_per_column=8 * (n + m),
-                             cpu_target_bytes=1 << 22, input_itemsize=x.element_size())
+        cols = chunk_columns(
+            n,
+            d,
+            x.device,
+            bytes_per_column=8 * (n + m),
+            cpu_target_bytes=1 << 22,
+            input_itemsize=x.element_size(),
+        )
         buf = torch.empty(n, cols, **f64)
         acc_full = torch.empty(m, cols, **f64)
         for s, e in _chunks(d, cols):

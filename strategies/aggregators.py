@@ -102,8 +102,9 @@ def check_num_byzantine(rule: str, value: object, *, allow_none: bool = True) ->
     return value
 
 
-def _positive(rule: str, name: str, value: object, *, integer: bool = False,
-              allow_zero: bool = False) -> Any:
+def _positive(
+    rule: str, name: str, value: object, *, integer: bool = False, allow_zero: bool = False
+) -> Any:
     ok_type = isinstance(value, int) if integer else isinstance(value, int | float)
     if isinstance(value, bool) or not ok_type:
         kind = "an int" if integer else "a number"

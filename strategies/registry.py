@@ -113,11 +113,10 @@ def _build(name: str, params: Mapping[str, Any], table: Mapping[str, type], kind
     listing = ", ".join(accepted) or "(none)"
     for key in params:
         if key not in accepted:
-            raise ValueError(
-                f"{kind} {name!r} has no parameter {key!r}; {name} accepts: {listing}"
-            )
-    missing = [k for k, p in accepted.items() if p.default is inspect.Parameter.empty
-               and k not in params]
+            raise ValueError(f"{kind} {name!r} has no parameter {key!r}; {name} accepts: {listing}")
+    missing = [
+        k for k, p in accepted.items() if p.default is inspect.Parameter.empty and k not in params
+    ]
     if missing:
         raise ValueError(
             f"{kind} {name!r} needs parameter(s) {', '.join(missing)}; {name} accepts: {listing}"
