@@ -163,7 +163,11 @@ def _run(grid: Grid, cfg: RunConfig, results: RunResults) -> None:
             "elapsed_seconds": time.monotonic() - started,
             "time": time.time(),
         }
-        results.checkpoint(server_round, {k: v.clone() for k, v in model.state_dict().items()})
+        results.checkpoint(
+            server_round,
+            {k: v.clone() for k, v in model.state_dict().items()},
+            strategy.state_dict(),
+        )
         results.log_round(row)
         log(
             INFO,

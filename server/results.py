@@ -78,11 +78,19 @@ class RunResults:
             for row in rows:
                 fh.write(json.dumps(_clean(dict(row))) + "\n")
 
-    def checkpoint(self, server_round: int, state: Mapping[str, torch.Tensor]) -> Path:
-        """Save the global model after ``server_round`` (atomic)."""
+    def checkpoint(
+        self,
+        server_round: int,
+        state: Mapping[str, torch.Tensor],
+        strategy_state: Mapping[str, Any] | None = None,
+    ) -> Path:
+        """Save the global model (and the strategy's state) after ``server_round`` (atomic)."""
         path = self.run_dir / "checkpoints" / f"round-{server_round:04d}.pt"
         tmp = path.with_name(f".{path.name}.tmp")
-        torch.save({"round": server_round, "model": dict(state)}, tmp)
+        payload: dict[str, Any] = {"round": server_round, "model": dict(state)}
+        if strategy_state is not None:
+            payload["strategy"] = dict(strategy_state)
+        torch.save(payload, tmp)
         os.replace(tmp, path)
         return path
 

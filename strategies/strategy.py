@@ -25,6 +25,7 @@ and records why; the run goes on.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -118,6 +119,19 @@ class RobustStrategy(FedAvg):
         self._global: ArrayRecord | None = None
         self._layout: ModelLayout | None = None
         self.last_round = RoundSummary()
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed server needs besides the model: rule state and server momentum.
+
+        A deep copy: later rounds do not change a state taken earlier.
+        """
+        return copy.deepcopy({"pipeline": self.pipeline.state_dict(), "velocity": self._velocity})
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output."""
+        state = copy.deepcopy(dict(state))
+        self.pipeline.load_state_dict(state["pipeline"])
+        self._velocity = state["velocity"]
 
     def summary(self) -> None:
         """Log the configuration (Flower calls this at start)."""

@@ -226,3 +226,32 @@ def test_payload_that_contradicts_its_metadata_is_rejected_not_crashing() -> Non
     nodes = {d.node_id: d for d in strategy.last_round.nodes}
     assert nodes[9].status == "rejected" and "undecodable" in nodes[9].reason
     assert np.allclose(new.to_numpy_ndarrays()[1], -48.0)
+
+
+def test_strategy_state_round_trip_restores_momentum_and_rule_state() -> None:
+    def make() -> RobustStrategy:
+        return RobustStrategy(
+            pipeline=compose([], build_aggregator("centered-clipping", tau=0.5)),
+            server_momentum=0.9,
+            min_available_nodes=1,
+            min_train_nodes=1,
+        )
+
+    base = OrderedDict(w=np.zeros(3, np.float32))
+    first = make()
+    configured(first, base)
+    first.aggregate_train(1, [reply(1, {"w": np.ones(3, np.float32)})])
+    saved = first.state_dict()
+    second = make()
+    second.load_state_dict(saved)
+    nxt = {"w": np.full(3, 2.0, np.float32)}
+    outs = []
+    for strategy in (first, second):
+        configured(strategy, base)
+        new, _ = strategy.aggregate_train(2, [reply(1, nxt)])
+        outs.append(new.to_numpy_ndarrays()[0])
+    assert np.array_equal(outs[0], outs[1])
+    fresh = make()
+    configured(fresh, base)
+    new, _ = fresh.aggregate_train(2, [reply(1, nxt)])
+    assert not np.array_equal(new.to_numpy_ndarrays()[0], outs[0])  # the state mattered
