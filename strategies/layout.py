@@ -86,24 +86,59 @@ class ModelLayout:
             offset += size
         return cls(tuple(slots))
 
-    def flatten_into(self, record: ArrayRecord, out: torch.Tensor) -> None:
-        """Copy ``record``'s arrays into the 1-D tensor ``out`` (length :attr:`dim`).
+    def _view(self, record: ArrayRecord, slot: ArraySlot) -> torch.Tensor:
+        """Read-only flat tensor over one array's payload (no copy), checked against ``slot``."""
+        values = npy_view(record[slot.name])
+        if values.shape != slot.shape or str(values.dtype) != slot.dtype:
+            raise ValueError(
+                f"array {slot.name!r} payload is {values.dtype}{list(values.shape)}, "
+                f"expected {slot.dtype}{list(slot.shape)}"
+            )
+        with warnings.catch_warnings():  # read-only buffer: we only read from it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(values.reshape(-1))
 
-        One copy per array, straight from the message payload. Raises ``ValueError``
-        when a payload's real shape or dtype differs from this layout (the ``Array``
-        metadata can say one thing and the bytes another).
+    def flatten_into(
+        self, record: ArrayRecord, out: torch.Tensor, *, minus: ArrayRecord | None = None
+    ) -> None:
+        """Copy ``record``'s arrays (minus ``minus``'s, if given) into the 1-D ``out``.
+
+        One pass per array, straight from the message payloads: no intermediate copy
+        of either record. Raises ``ValueError`` when a payload's real shape or dtype
+        differs from this layout (the ``Array`` metadata can say one thing and the
+        bytes another).
         """
         for slot in self.slots:
-            values = npy_view(record[slot.name])
-            if values.shape != slot.shape or str(values.dtype) != slot.dtype:
-                raise ValueError(
-                    f"array {slot.name!r} payload is {values.dtype}{list(values.shape)}, "
-                    f"expected {slot.dtype}{list(slot.shape)}"
+            piece = out[slot.start : slot.stop]
+            if minus is None:
+                piece.copy_(self._view(record, slot))
+            else:
+                torch.sub(self._view(record, slot), self._view(minus, slot), out=piece)
+
+    def add_scaled(
+        self, record: ArrayRecord, step: torch.Tensor, scale: float, chunk: int = 1 << 20
+    ) -> ArrayRecord:
+        """``record + scale * step`` as a new ``ArrayRecord`` (sums in float64, in chunks).
+
+        Works array by array and chunk by chunk, so the only full-size allocations
+        are the result's arrays.
+        """
+        step = step.detach().to("cpu")
+        arrays: OrderedDict[str, Array] = OrderedDict()
+        for slot in self.slots:
+            base = self._view(record, slot)
+            result = torch.empty(
+                base.shape, dtype=torch.float64 if slot.dtype == "float64" else torch.float32
+            )
+            for lo in range(0, base.numel(), chunk):
+                hi = min(lo + chunk, base.numel())
+                total = (
+                    base[lo:hi].double() + scale * step[slot.start + lo : slot.start + hi].double()
                 )
-            with warnings.catch_warnings():  # read-only buffer: we only read from it
-                warnings.simplefilter("ignore", UserWarning)
-                source = torch.from_numpy(values.reshape(-1))
-            out[slot.start : slot.stop].copy_(source)
+                result[lo:hi] = total.to(result.dtype)
+            piece = result.numpy().reshape(slot.shape).astype(slot.dtype, copy=False)
+            arrays[slot.name] = Array(np.ascontiguousarray(piece))
+        return ArrayRecord(arrays)
 
     def flatten(self, record: ArrayRecord, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``record`` as one flat tensor of length :attr:`dim`."""

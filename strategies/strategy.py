@@ -40,12 +40,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from strategies.layout import ModelLayout
 from strategies.registry import Pipeline, build_aggregator, build_preaggregator, compose
-from strategies.validation import (
-    METRICS_KEY,
-    RejectedReply,
-    check_finite,
-    check_train_reply,
-)
+from strategies.validation import METRICS_KEY, RejectedReply, check_train_reply
 
 
 @dataclass
@@ -116,6 +111,7 @@ class RobustStrategy(FedAvg):
         self.server_lr = server_lr
         self.server_momentum = server_momentum
         self._velocity: torch.Tensor | None = None
+        self._buffer: torch.Tensor | None = None
         self._global: ArrayRecord | None = None
         self._layout: ModelLayout | None = None
         self.last_round = RoundSummary()
@@ -161,40 +157,46 @@ class RobustStrategy(FedAvg):
             raise RuntimeError("aggregate_train called before configure_train")
         layout, replies = self._layout, list(replies)
         summary = RoundSummary(num_replies=len(replies))
-        global_flat = layout.flatten(self._global)
-        deltas = torch.empty((len(replies), layout.dim), dtype=torch.float32)
-        accepted: list[NodeDiagnostics] = []
+        deltas = self._buffer_for(len(replies), layout.dim)
+        decoded: list[NodeDiagnostics] = []
         for msg in replies:
             diag = NodeDiagnostics(
                 round=server_round, node_id=int(msg.metadata.src_node_id), status="accepted"
             )
-            row = deltas[len(accepted)]
+            summary.nodes.append(diag)
             try:
                 check_train_reply(msg, layout)
-                layout.flatten_into(msg.content.array_records["arrays"], row)
-                check_finite("update", row)
+                layout.flatten_into(
+                    msg.content.array_records["arrays"], deltas[len(decoded)], minus=self._global
+                )
             except ValueError as exc:  # RejectedReply, or payload bytes that contradict
                 reason = str(exc)  # the Array's own metadata (malformed .npy)
                 if not isinstance(exc, RejectedReply):
                     reason = f"undecodable update: {reason}"
-                diag.status, diag.reason = "rejected", reason
-                log(
-                    WARNING,
-                    "round %d: rejected reply from node %d: %s",
-                    server_round,
-                    diag.node_id,
-                    reason,
-                )
-            else:
-                row.sub_(global_flat)
-                metrics = msg.content.metric_records[METRICS_KEY]
-                diag.partition_id = _int_or_none(metrics.get("partition-id"))
-                diag.num_examples = float(metrics["num-examples"])
-                diag.train_loss = _float_or_none(metrics.get("train-loss"))
-                diag.train_seconds = _float_or_none(metrics.get("train-seconds"))
-                diag.update_norm = float(row.norm(dtype=torch.float64))
+                self._reject(server_round, diag, reason)
+                continue
+            metrics = msg.content.metric_records[METRICS_KEY]
+            diag.partition_id = _int_or_none(metrics.get("partition-id"))
+            diag.num_examples = float(metrics["num-examples"])
+            diag.train_loss = _float_or_none(metrics.get("train-loss"))
+            diag.train_seconds = _float_or_none(metrics.get("train-seconds"))
+            decoded.append(diag)
+
+        # One pass over the decoded rows: their norms, which are also the finiteness
+        # check (a row holding NaN/Inf, or too large for float32, has no finite norm).
+        norms = torch.linalg.vector_norm(deltas[: len(decoded)], dim=1)
+        accepted: list[NodeDiagnostics] = []
+        kept: list[int] = []
+        for i, (diag, norm) in enumerate(zip(decoded, norms.tolist(), strict=True)):
+            if math.isfinite(norm):
+                diag.update_norm = norm
                 accepted.append(diag)
-            summary.nodes.append(diag)
+                kept.append(i)
+            else:
+                self._reject(server_round, diag, _non_finite_reason(deltas[i]))
+        for j, i in enumerate(kept):  # close the gaps left by rejected rows (rare)
+            if i != j:
+                deltas[j].copy_(deltas[i])
         summary.num_accepted = len(accepted)
         summary.num_rejected = len(replies) - len(accepted)
         self.last_round = summary
@@ -216,24 +218,23 @@ class RobustStrategy(FedAvg):
         aggregate = out.vector
         summary.num_byzantine_after_preaggregation = out.num_byzantine
         agg_norm = float(aggregate.norm(dtype=torch.float64))
-        # Diagnostics only: a float32 matvec (no n x d float64 copy) and the row norms
-        # measured at decoding.
-        norms = torch.tensor([d.update_norm or 0.0 for d in accepted], dtype=torch.float64)
+        # Diagnostics only: a float32 matvec and the row norms measured above.
+        row_norms = torch.tensor([d.update_norm for d in accepted], dtype=torch.float64)
         dots = (deltas @ aggregate.to(deltas.dtype)).double()
-        cosines = dots / (norms * agg_norm).clamp_min(1e-300)
+        cosines = dots / (row_norms * agg_norm).clamp_min(1e-300)
         weights, selected, scores = _client_attribution(out, len(accepted))
         for i, (diag, cos) in enumerate(zip(accepted, cosines.tolist(), strict=True)):
             diag.cosine_to_aggregate = cos if agg_norm > 0 else None
             diag.weight = None if weights is None else weights[i]
             diag.selected = None if selected is None else selected[i]
             diag.score = None if scores is None else scores[i]
-        step = aggregate.double()
+        step = aggregate
         if self.server_momentum:
             if self._velocity is None or self._velocity.shape != step.shape:
-                self._velocity = torch.zeros_like(step)
-            self._velocity.mul_(self.server_momentum).add_(step)
+                self._velocity = torch.zeros(step.shape, dtype=torch.float64)
+            self._velocity.mul_(self.server_momentum).add_(step.to("cpu", torch.float64))
             step = self._velocity
-        new_global = global_flat.double() + self.server_lr * step
+        new_global = layout.add_scaled(self._global, step, self.server_lr)
 
         losses = [d.train_loss for d in accepted if d.train_loss is not None]
         times = [d.train_seconds for d in accepted if d.train_seconds is not None]
@@ -247,7 +248,24 @@ class RobustStrategy(FedAvg):
             }
             | ({"train-loss": summary.train_loss} if summary.train_loss is not None else {})
         )
-        return layout.unflatten(new_global), metrics
+        return new_global, metrics
+
+    def _buffer_for(self, n: int, d: int) -> torch.Tensor:
+        """An ``(n, d)`` float32 buffer for decoded deltas, reused across rounds.
+
+        Touching a fresh multi-GB allocation costs as much as filling it; the server
+        holds the buffer between rounds instead.
+        """
+        if self._buffer is None or self._buffer.shape[1] != d or self._buffer.shape[0] < n:
+            self._buffer = None  # free the old one before allocating the new one
+            self._buffer = torch.empty((n, d), dtype=torch.float32)
+        return self._buffer[:n]
+
+    def _reject(self, server_round: int, diag: NodeDiagnostics, reason: str) -> None:
+        diag.status, diag.reason = "rejected", reason
+        log(
+            WARNING, "round %d: rejected reply from node %d: %s", server_round, diag.node_id, reason
+        )
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -271,6 +289,14 @@ class RobustStrategy(FedAvg):
         return MetricRecord(
             {"eval-loss": loss_sum / total, "eval-accuracy": acc_sum / total, "num-examples": total}
         )
+
+
+def _non_finite_reason(row: torch.Tensor) -> str:
+    """Why a decoded update has no finite norm."""
+    bad = int((~torch.isfinite(row)).sum())
+    if bad:
+        return f"update holds {bad} non-finite values (NaN or Inf)"
+    return "update norm overflows float32 (values too large)"
 
 
 def _client_attribution(

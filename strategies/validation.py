@@ -33,8 +33,8 @@ def check_train_reply(msg: Message, layout: ModelLayout) -> None:
     Well-formed: not an error reply; exactly one ``ArrayRecord`` named ``arrays``
     and one ``MetricRecord`` named ``metrics`` and nothing else; the arrays have
     exactly the global model's names, shapes and dtypes; ``num-examples`` is an
-    integer in ``1..10^9``. Finiteness of the values is checked after decoding
-    (:func:`check_finite`), where the numbers are at hand.
+    integer in ``1..10^9``. Finiteness of the values is checked after decoding,
+    where the numbers are at hand (the strategy's row norms).
     """
     if msg.has_error():
         raise RejectedReply(f"error reply (code {msg.error.code}): {msg.error.reason}")
@@ -75,13 +75,3 @@ def check_train_reply(msg: Message, layout: ModelLayout) -> None:
         raise RejectedReply(
             f"metric 'num-examples' is {num_examples}; allowed: 1..{MAX_NUM_EXAMPLES}"
         )
-
-
-def check_finite(name: str, values: object) -> None:
-    """Raise :class:`RejectedReply` if the decoded update holds NaN or +/-Inf."""
-    import torch
-
-    tensor = values if isinstance(values, torch.Tensor) else torch.as_tensor(values)
-    if not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise RejectedReply(f"{name} holds {bad} non-finite values (NaN or Inf)")
