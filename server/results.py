@@ -103,6 +103,7 @@ class RunResults:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         rounds = [r["round"] for r in rows]
         fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
@@ -126,6 +127,8 @@ class RunResults:
         ax_loss.set(xlabel="round", ylabel="cross-entropy", title="Loss")
         ax_loss.grid(alpha=0.3)
         ax_loss.legend()
+        for ax in (ax_acc, ax_loss):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
         fig.tight_layout()
         path = self.run_dir / "accuracy_loss.png"
         tmp = path.with_name(".accuracy_loss.tmp.png")
