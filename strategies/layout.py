@@ -145,12 +145,3 @@ class ModelLayout:
         out = torch.empty(self.dim, dtype=dtype)
         self.flatten_into(record, out)
         return out
-
-    def unflatten(self, vector: torch.Tensor) -> ArrayRecord:
-        """Turn a flat vector back into an ``ArrayRecord`` with this layout's keys and dtypes."""
-        vector = vector.detach().to("cpu")
-        arrays: OrderedDict[str, Array] = OrderedDict()
-        for slot in self.slots:
-            piece = vector[slot.start : slot.stop].reshape(slot.shape).numpy()
-            arrays[slot.name] = Array(np.ascontiguousarray(piece.astype(slot.dtype, copy=False)))
-        return ArrayRecord(arrays)

@@ -138,10 +138,15 @@ def test_layout_round_trip_keeps_names_shapes_dtypes() -> None:
     layout = ModelLayout.of(arrays)
     flat = layout.flatten(arrays)
     assert flat.shape == (9,) and layout.dim == 9
-    back = layout.unflatten(flat)
+    back = layout.add_scaled(arrays, torch.zeros_like(flat), 1.0)
     assert list(back.keys()) == ["weight", "bias"]
     for (name, orig), arr in zip(model_arrays(0.5).items(), back.values(), strict=True):
         assert arr.numpy().dtype == orig.dtype and np.array_equal(arr.numpy(), orig), name
+    stepped = layout.add_scaled(arrays, torch.arange(9, dtype=torch.float32), 2.0)
+    assert np.array_equal(
+        np.concatenate([a.numpy().reshape(-1) for a in stepped.values()]),
+        flat.numpy() + 2.0 * np.arange(9, dtype=np.float32),
+    )
     with pytest.raises(ValueError, match="floating-point"):
         ModelLayout.of(ArrayRecord(OrderedDict(n=Array(np.zeros(2, np.int64)))))
 
