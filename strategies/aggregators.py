@@ -120,9 +120,33 @@ def _cpu64(t: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- #
-# Base class                                                                   #
+# Base classes                                                                 #
 # --------------------------------------------------------------------------- #
-class Aggregator:
+class NamedStep:
+    """What aggregators and pre-aggregators share: a name, build parameters for
+    ``repr``, and (empty by default) checkpointable state."""
+
+    name: ClassVar[str] = "step"
+
+    def state_dict(self) -> dict[str, Any]:
+        """Checkpointable state (empty for stateless steps)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` output."""
+        if state:
+            raise ValueError(f"{self.name} is stateless, got state keys {sorted(state)}")
+
+    def params(self) -> dict[str, Any]:
+        """Build parameters (for logging and ``repr``)."""
+        return {}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
+        return f"{type(self).__name__}({args})"
+
+
+class Aggregator(NamedStep):
     """Base class: input validation, ``f`` resolution, ``__call__``,
     (empty) state. Subclasses implement :meth:`_aggregate`."""
 
@@ -175,22 +199,9 @@ class Aggregator:
         """Same as ``aggregate(...).vector``."""
         return self.aggregate(x, num_byzantine=num_byzantine, weights=weights).vector
 
-    def state_dict(self) -> dict[str, Any]:
-        """Checkpointable state (empty for stateless rules)."""
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` output."""
-        if state:
-            raise ValueError(f"{self.name} is stateless, got state keys {sorted(state)}")
-
     def params(self) -> dict[str, Any]:
         """Build parameters (for logging and ``repr``)."""
         return {"num_byzantine": self.num_byzantine}
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
-        return f"{type(self).__name__}({args})"
 
     # -- subclass hook ------------------------------------------------------ #
     def _aggregate(

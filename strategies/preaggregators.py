@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from strategies import _kernels as K
-from strategies.aggregators import _positive, check_num_byzantine, validate_updates
+from strategies.aggregators import NamedStep, _positive, check_num_byzantine, validate_updates
 
 __all__ = [
     "Bucket",
@@ -59,7 +59,7 @@ class PreAggregationOutput(NamedTuple):
     mixing: Tensor | None = None
 
 
-class PreAggregator:
+class PreAggregator(NamedStep):
     """Base class: input and ``f`` validation, ``no_grad``, (empty) state."""
 
     name: ClassVar[str] = "pre-aggregator"
@@ -74,23 +74,6 @@ class PreAggregator:
 
     def _apply(self, x: Tensor, f: int) -> PreAggregationOutput:
         raise NotImplementedError
-
-    def state_dict(self) -> dict[str, Any]:
-        """Checkpointable state (empty for deterministic steps)."""
-        return {}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` output."""
-        if state:
-            raise ValueError(f"{self.name} is stateless, got state keys {sorted(state)}")
-
-    def params(self) -> dict[str, Any]:
-        """Build parameters (for logging and ``repr``)."""
-        return {}
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
-        return f"{type(self).__name__}({args})"
 
 
 class _Randomized(PreAggregator):
