@@ -66,11 +66,12 @@ def build_run_config(args: argparse.Namespace, app_dir: Path) -> tuple[RunConfig
     overrides.setdefault(
         "min-train-nodes", min(args.clients, int(overrides["min-available-nodes"]))
     )
-    full = app_defaults(app_dir) | overrides
+    defaults = app_defaults(app_dir)
+    full = defaults | overrides
     output = Path(args.output_dir) if args.output_dir else _fresh_run_dir(full)
     overrides["output-dir"] = str(output.resolve())
     full["output-dir"] = overrides["output-dir"]
-    unknown = sorted(set(overrides) - set(app_defaults(app_dir)))
+    unknown = sorted(set(overrides) - set(defaults))
     if unknown:
         raise ConfigError(
             f"run config: unknown key(s) {unknown}; known keys: {', '.join(RunConfig.keys())}"
