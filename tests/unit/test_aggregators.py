@@ -216,6 +216,33 @@ def test_bulyan_coordinate_phase_by_hand():
     assert torch.allclose(out, t([2, 11, 3, 2.5 / 3, 0]))
 
 
+def _greedy_closest_window_mean(values: list[float], f: int) -> float:
+    """Drop 2f times whichever end of the sorted values is farther from their
+    median (an exact tie drops the larger value), then average what is left."""
+    v = sorted(values)
+    m = len(v)
+    med = v[(m - 1) // 2] if m % 2 else (v[m // 2 - 1] + v[m // 2]) / 2
+    lo, hi = 0, m - 1
+    for _ in range(2 * f):
+        if med - v[lo] > v[hi] - med:
+            lo += 1
+        else:
+            hi -= 1
+    return sum(v[lo : hi + 1]) / (hi - lo + 1)
+
+
+@pytest.mark.parametrize("theta,f", [(5, 1), (6, 1), (9, 2), (12, 2), (13, 3), (20, 4)])
+def test_bulyan_coordinate_phase_matches_greedy_with_many_ties(theta, f):
+    # small integers make ties between the two ends (and duplicates) common
+    gen = torch.Generator().manual_seed(theta * 31 + f)
+    x = torch.randint(-4, 5, (theta + 3, 4000), generator=gen).float()
+    selected = torch.randperm(theta + 3, generator=gen)[:theta]
+    out = K.bulyan_coordinate_phase(x, selected, f)
+    sel = x[selected].T.tolist()
+    expected = torch.tensor([_greedy_closest_window_mean(col, f) for col in sel])
+    assert torch.allclose(out.double(), expected.double(), rtol=0, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- #
 # Geometric median                                                             #
 # --------------------------------------------------------------------------- #
