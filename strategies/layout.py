@@ -47,6 +47,33 @@ def npy_view(array: Array) -> np.ndarray:
     return flat.reshape(shape, order="F" if fortran else "C")
 
 
+def npy_array(values: np.ndarray) -> Array:
+    """An ``Array`` holding ``values`` as ``.npy`` bytes, byte-identical to
+    ``Array(values)``, with one copy of the data instead of up to three.
+
+    ``Array(ndarray)`` runs ``np.save`` into a growing ``BytesIO`` (which
+    reallocates, and may copy, as it grows) and then takes its value; here the
+    ``.npy`` header is written on its own and joined with a view of the data,
+    so the only full-size allocation is the returned payload.
+    """
+    values = np.asarray(values)
+    if not values.flags.c_contiguous:
+        values = values.copy(order="C")  # (ascontiguousarray would make 0-d arrays 1-d)
+    if values.dtype.hasobject:
+        raise ValueError("object arrays are not allowed")
+    header = io.BytesIO()
+    meta = np.lib.format.header_data_from_array_1_0(values)
+    try:
+        np.lib.format.write_array_header_1_0(header, meta)
+    except ValueError:  # header longer than 64 KiB: format 2.0, as np.save does
+        header = io.BytesIO()
+        np.lib.format.write_array_header_2_0(header, meta)
+    data = b"".join((header.getvalue(), memoryview(values.reshape(-1)).cast("B")))
+    return Array(
+        dtype=str(values.dtype), shape=tuple(values.shape), stype="numpy.ndarray", data=data
+    )
+
+
 @dataclass(frozen=True)
 class ArraySlot:
     """One named array of the model and its slice of the flat vector."""
@@ -118,26 +145,37 @@ class ModelLayout:
     def add_scaled(
         self, record: ArrayRecord, step: torch.Tensor, scale: float, chunk: int = 1 << 20
     ) -> ArrayRecord:
-        """``record + scale * step`` as a new ``ArrayRecord`` (sums in float64, in chunks).
+        """``record + scale * step`` as a new ``ArrayRecord``, each entry rounded once.
 
-        Works array by array and chunk by chunk, so the only full-size allocations
-        are the result's arrays.
+        With ``scale == 1`` and a float32 array, one float32 addition is already the
+        correctly rounded sum (IEEE 754), so it is done directly into the result.
+        Otherwise each chunk is formed in float64 in two reused buffers and rounded
+        once to the array's dtype. The only full-size allocations are the result's
+        arrays (and their ``.npy`` serialisation, which ``Array`` makes).
         """
         step = step.detach().to("cpu")
         arrays: OrderedDict[str, Array] = OrderedDict()
+        big = min(chunk, max((slot.stop - slot.start for slot in self.slots), default=1))
+        acc = torch.empty(big, dtype=torch.float64)
+        tmp = torch.empty(big, dtype=torch.float64)
         for slot in self.slots:
             base = self._view(record, slot)
-            result = torch.empty(
-                base.shape, dtype=torch.float64 if slot.dtype == "float64" else torch.float32
-            )
-            for lo in range(0, base.numel(), chunk):
-                hi = min(lo + chunk, base.numel())
-                total = (
-                    base[lo:hi].double() + scale * step[slot.start + lo : slot.start + hi].double()
-                )
-                result[lo:hi] = total.to(result.dtype)
+            dtype = torch.float64 if slot.dtype == "float64" else torch.float32
+            result = torch.empty(base.shape, dtype=dtype)
+            piece_step = step[slot.start : slot.stop]
+            if scale == 1.0 and dtype == base.dtype == piece_step.dtype:
+                torch.add(base, piece_step, out=result)
+            else:
+                for lo in range(0, base.numel(), chunk):
+                    hi = min(lo + chunk, base.numel())
+                    a, b = acc[: hi - lo], tmp[: hi - lo]
+                    a.copy_(base[lo:hi])
+                    b.copy_(piece_step[lo:hi])
+                    a.add_(b, alpha=scale)
+                    result[lo:hi].copy_(a)
             piece = result.numpy().reshape(slot.shape).astype(slot.dtype, copy=False)
-            arrays[slot.name] = Array(np.ascontiguousarray(piece))
+            arrays[slot.name] = npy_array(piece)
+            del result, piece  # free this array before the next one is built
         return ArrayRecord(arrays)
 
     def flatten(self, record: ArrayRecord, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -21,7 +21,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from bastion.config import RunConfig
 from strategies import build_aggregator, compose
-from strategies.layout import ModelLayout
+from strategies.layout import ModelLayout, npy_array
 from strategies.strategy import RobustStrategy, pipeline_from_config
 
 
@@ -149,6 +149,41 @@ def test_layout_round_trip_keeps_names_shapes_dtypes() -> None:
     )
     with pytest.raises(ValueError, match="floating-point"):
         ModelLayout.of(ArrayRecord(OrderedDict(n=Array(np.zeros(2, np.int64)))))
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.arange(12, dtype=np.float32).reshape(3, 4),
+        np.asfortranarray(np.arange(6, dtype=np.float64).reshape(2, 3)),
+        np.array(2.5, np.float32),
+        np.zeros((0, 5), np.float16),
+    ],
+)
+def test_npy_array_is_byte_identical_to_flower_serialisation(values) -> None:
+    ours = npy_array(values)
+    if values.flags.c_contiguous:
+        flowers = Array(values)
+        assert ours.data == flowers.data
+        assert (ours.dtype, ours.shape, ours.stype) == (flowers.dtype, flowers.shape, flowers.stype)
+    assert ours.numpy().shape == values.shape and np.array_equal(ours.numpy(), values)
+
+
+def test_add_scaled_rounds_once() -> None:
+    # base + scale * step formed exactly (float64) and rounded once to float32;
+    # a float32 multiply-then-add would round twice and differ in many entries
+    rng = np.random.default_rng(3)
+    base = rng.normal(size=(200, 50)).astype(np.float32)
+    step = rng.normal(size=10_000).astype(np.float32)
+    arrays = ArrayRecord(OrderedDict(w=Array(base)))
+    layout = ModelLayout.of(arrays)
+    exact = (base.reshape(-1).astype(np.float64) + 0.3 * step.astype(np.float64)).astype(np.float32)
+    got = layout.add_scaled(arrays, torch.from_numpy(step), 0.3, chunk=777)["w"].numpy()
+    assert got.shape == (200, 50) and np.array_equal(got.reshape(-1), exact)
+    twice = base.reshape(-1) + np.float32(0.3) * step
+    assert not np.array_equal(twice, exact)  # the check above can tell the two apart
+    one = layout.add_scaled(arrays, torch.from_numpy(step), 1.0)["w"].numpy()
+    assert np.array_equal(one.reshape(-1), base.reshape(-1) + step)
 
 
 def test_deltas_are_exact_when_weights_are_large() -> None:
