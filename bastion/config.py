@@ -30,6 +30,11 @@ AggregatorName = Literal[
     "bulyan",
     "centered-clipping",
 ]
+AttackName = Literal[
+    "none", "ipm", "alie", "sign-flip", "label-flip", "gaussian", "mimic", "scaling"
+]
+AttackKnowledge = Literal["own", "collude", "omniscient"]
+AttackData = Literal["own", "full"]
 
 
 class ConfigError(ValueError):
@@ -150,6 +155,20 @@ class RunConfig(_FlatModel):
     round_timeout: float = Field(300.0, gt=0)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     output_dir: str = ""
+    # Malicious clients (docs/ROBUSTNESS.md). num-malicious picks partitions by a
+    # seeded rule (client.malicious.malicious_partitions); node configs with
+    # role="malicious" are the other way to make a node an attacker.
+    num_malicious: int = Field(0, ge=0, le=100_000)
+    attack: AttackName = "none"
+    attack_epsilon: float = Field(0.1, ge=-1e6, le=1e6)
+    attack_z: float = Field(0.0, ge=-1e3, le=1e3)
+    attack_sigma: float = Field(200.0, gt=0, le=1e12)
+    attack_scale: float = Field(10.0, ge=-1e6, le=1e6)
+    attack_target: int = Field(0, ge=0)
+    attack_knowledge: AttackKnowledge = "collude"
+    attack_data: AttackData = "own"
+    collusion_dir: str = ""
+    collusion_timeout: float = Field(60.0, gt=0, le=86_400)
 
     @model_validator(mode="after")
     def _check_combinations(self) -> RunConfig:
@@ -163,6 +182,12 @@ class RunConfig(_FlatModel):
                 f"keys 'bucketing-s' ({self.bucketing_s}) and 'resampling-s' "
                 f"({self.resampling_s}) are both set; allowed: at most one of them > 0 "
                 "(both regroup the updates into means of s; chaining them has no use)"
+            )
+        if self.num_malicious > 0 and self.attack == "none":
+            raise ValueError(
+                f"key 'num-malicious' is {self.num_malicious} but key 'attack' is 'none'; "
+                f"allowed: an attack out of {list(get_args(AttackName))[1:]} when "
+                "num-malicious > 0"
             )
         if self.min_train_nodes > self.min_available_nodes:
             raise ValueError(
@@ -214,6 +239,19 @@ class NodeConfig(_FlatModel):
     partition_id: int = Field(ge=0)
     num_partitions: int = Field(ge=1)
     data_dir: str = ""
+    # A node can be made malicious by its own config (docker-compose, real
+    # deployments); unset keys fall back to the run config.
+    role: Literal["", "honest", "malicious"] = ""
+    attack: AttackName | None = None
+    attack_epsilon: float | None = Field(None, ge=-1e6, le=1e6)
+    attack_z: float | None = Field(None, ge=-1e3, le=1e3)
+    attack_sigma: float | None = Field(None, gt=0, le=1e12)
+    attack_scale: float | None = Field(None, ge=-1e6, le=1e6)
+    attack_target: int | None = Field(None, ge=0)
+    attack_knowledge: AttackKnowledge | None = None
+    attack_data: AttackData | None = None
+    collusion_dir: str | None = None
+    num_colluders: int | None = Field(None, ge=1, le=100_000)
 
     @model_validator(mode="after")
     def _check_partition(self) -> NodeConfig:

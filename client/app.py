@@ -22,6 +22,9 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from bastion.config import NodeConfig, RunConfig, TrainInstructions
+from client.attacks import label_flip
+from client.malicious import AttackPlan, apply_attack, resolve_plan
+from task.datasets import ArrayDataset, load_dataset, num_classes
 from task.federated import ClientData, PartitionSpec, load_client_data
 from task.models import build_model
 from task.training import evaluate as evaluate_model
@@ -53,6 +56,21 @@ def _client_data(run: RunConfig, node: NodeConfig) -> ClientData:
     return load_client_data(spec, node.partition_id, node.data_dir or run.data_dir)
 
 
+def _training_set(
+    run: RunConfig, node: NodeConfig, plan: AttackPlan | None, data: ClientData
+) -> ArrayDataset:
+    """The data a node trains on: its partition, or for an attacker with
+    ``attack-data = "full"`` the whole training set; labels flipped for ``label-flip``."""
+    if plan is None:
+        return data.train
+    train = data.train
+    if plan.data == "full":
+        train, _ = load_dataset(run.dataset, node.data_dir or run.data_dir or None)
+    if plan.flips_labels:
+        train = ArrayDataset(train.x, label_flip(train.y, num_classes(run.dataset)))
+    return train
+
+
 def _model_from(message: Message, dataset: str) -> torch.nn.Module:
     model = build_model(dataset)
     model.load_state_dict(message.content["arrays"].to_torch_state_dict(), strict=True)
@@ -64,12 +82,13 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this node's partition and reply with it."""
     run, node = _setup(context)
     instr = TrainInstructions.from_flat(msg.content["config"], source="train config")
+    plan = resolve_plan(run, node)
     data = _client_data(run, node)
     device = resolve_device(run.device)
     model = _model_from(msg, run.dataset)
     result = train_local(
         model,
-        data.train,
+        _training_set(run, node, plan, data),
         lr=instr.lr,
         momentum=instr.momentum,
         weight_decay=instr.weight_decay,
@@ -79,16 +98,33 @@ def train(msg: Message, context: Context) -> Message:
         seed=instr.round_seed + node.partition_id,
         device=device,
     )
-    metrics = MetricRecord(
-        {
-            "num-examples": result.num_examples,
-            "train-loss": result.mean_loss,
-            "train-seconds": result.seconds,
-            "steps": result.steps,
-            "partition-id": node.partition_id,
+    values: dict[str, int | float] = {
+        "num-examples": result.num_examples,
+        "train-loss": result.mean_loss,
+        "train-seconds": result.seconds,
+        "steps": result.steps,
+        "partition-id": node.partition_id,
+    }
+    state = model.to("cpu").state_dict()
+    if plan is not None:
+        state, crafted = apply_attack(
+            plan,
+            msg.content["arrays"].to_torch_state_dict(),
+            state,
+            server_round=instr.server_round,
+            round_seed=instr.round_seed,
+            partition_id=node.partition_id,
+            run_id=int(context.run_id),
+        )
+        # Ground truth for experiments (see client.malicious); the strategy ignores it.
+        values |= {
+            "num-examples": len(data.train),
+            "malicious": 1,
+            "known-rows": crafted.known_rows,
+            "colluders-seen": crafted.colluders_seen,
         }
-    )
-    arrays = ArrayRecord(model.to("cpu").state_dict())
+    arrays = ArrayRecord(state)
+    metrics = MetricRecord(values)
     return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 
 

@@ -157,6 +157,8 @@ def _run(grid: Grid, cfg: RunConfig, results: RunResults) -> None:
             "num_rejected": summary.num_rejected + len(missing),
             "num_byzantine_after_preaggregation": summary.num_byzantine_after_preaggregation,
             "aggregation_error": summary.aggregation_error,
+            "num_malicious_accepted": summary.num_malicious_accepted,
+            "malicious_influence": summary.malicious_influence,
             "round_seconds": round_seconds,
             "slowest_train_seconds": slowest,
             "overhead_seconds": None if slowest is None else round_seconds - slowest,

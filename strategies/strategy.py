@@ -60,6 +60,9 @@ class NodeDiagnostics:
     weight: float | None = None
     selected: bool | None = None
     score: float | None = None
+    # ground truth a Bastion attacker declares for experiments (metric "malicious");
+    # recorded here, never used by the aggregation
+    malicious: bool = False
 
     def to_json(self) -> dict[str, object]:
         """A JSON-ready dict (NaN becomes None)."""
@@ -80,6 +83,11 @@ class RoundSummary:
     slowest_train_seconds: float | None = None
     num_byzantine_after_preaggregation: int | None = None
     aggregation_error: str | None = None
+    num_malicious_accepted: int = 0
+    # share of the aggregate owed to declared-malicious replies: their share of the
+    # rule's client weights, or of the selected clients for selection rules without
+    # weights; None when the rule attributes nothing to single clients (median)
+    malicious_influence: float | None = None
     nodes: list[NodeDiagnostics] = field(default_factory=list)
 
 
@@ -180,6 +188,7 @@ class RobustStrategy(FedAvg):
             diag.num_examples = float(metrics["num-examples"])
             diag.train_loss = _float_or_none(metrics.get("train-loss"))
             diag.train_seconds = _float_or_none(metrics.get("train-seconds"))
+            diag.malicious = metrics.get("malicious") == 1
             decoded.append(diag)
 
         # One pass over the decoded rows: their norms, which are also the finiteness
@@ -228,6 +237,8 @@ class RobustStrategy(FedAvg):
             diag.weight = None if weights is None else weights[i]
             diag.selected = None if selected is None else selected[i]
             diag.score = None if scores is None else scores[i]
+        summary.num_malicious_accepted = sum(d.malicious for d in accepted)
+        summary.malicious_influence = _malicious_influence(accepted, weights, selected)
         step = aggregate
         if self.server_momentum:
             if self._velocity is None or self._velocity.shape != step.shape:
@@ -322,6 +333,20 @@ def _client_attribution(
     if identity and out.aggregation.scores is not None:
         scores = out.aggregation.scores.tolist()
     return weights, selected, scores
+
+
+def _malicious_influence(
+    nodes: list[NodeDiagnostics], weights: list[float] | None, selected: list[bool] | None
+) -> float | None:
+    """Share of the aggregate owed to declared-malicious nodes (see RoundSummary)."""
+    if weights is not None:
+        total = sum(abs(w) for w in weights)
+        bad = sum(abs(w) for w, d in zip(weights, nodes, strict=True) if d.malicious)
+        return bad / total if total > 0 else None
+    if selected is not None and any(selected):
+        picked = [d for d, s in zip(nodes, selected, strict=True) if s]
+        return sum(d.malicious for d in picked) / len(picked)
+    return None
 
 
 def _float_or_none(value: object) -> float | None:

@@ -1,0 +1,208 @@
+"""Which nodes attack, with what, knowing what: the malicious ClientApp's plan.
+
+A node is malicious when its node config says ``role = "malicious"`` (docker-compose,
+real deployments), or, when its node config sets no role, when the run config's
+``num-malicious`` rule picks its partition (``bastion run --malicious``, simulation;
+see :func:`malicious_partitions`). Honest nodes need no configuration at all.
+
+A malicious node always first trains exactly like an honest one (on its own
+partition, or on the whole training set with ``attack-data = "full"``, the
+resampling paper's threat model; with labels flipped for ``label-flip``), which
+gives it an honest update estimate. Then, by ``attack-knowledge``:
+
+* ``own``: the attack sees only that estimate (``k = 1``);
+* ``collude``: the attackers pool their estimates through a shared directory
+  (:mod:`client.collusion`), order them by partition id and all compute the same
+  malicious vector, as the papers assume;
+* ``omniscient``: research mode, simulation only: the node sends its honest
+  estimate flagged as malicious and the ServerApp's research hook
+  (:mod:`server.omniscient`), outside the strategy, replaces it with the attack
+  computed from every honest update of the round.
+
+Every malicious reply carries the metric ``malicious = 1`` so that experiments can
+score defences against ground truth. A real attacker would not send it; the
+strategy never reads it (only the diagnostics record it).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bastion.config import ConfigError, NodeConfig, RunConfig
+from client.attacks import alie_z_max, build_attack
+from client.collusion import SharedDirectory
+
+UPDATE_ATTACKS = ("ipm", "alie", "sign-flip", "gaussian", "mimic", "scaling")
+
+
+def malicious_partitions(num_partitions: int, num_malicious: int, seed: int) -> tuple[int, ...]:
+    """The partition ids the ``num-malicious`` rule makes malicious, sorted.
+
+    A seeded uniform sample (Python's ``random.Random(seed).sample``), the same on
+    every node and in the server, so it is deterministic per run seed and, under
+    label-sorted partitioning, does not hand the attackers one block of classes.
+    """
+    if not 0 <= num_malicious <= num_partitions:
+        raise ConfigError(
+            f"run config key 'num-malicious': value {num_malicious} is not allowed; "
+            f"allowed: 0..{num_partitions} (the number of partitions)"
+        )
+    rng = random.Random(f"bastion-malicious-{seed}")
+    return tuple(sorted(rng.sample(range(num_partitions), num_malicious)))
+
+
+@dataclass(frozen=True)
+class AttackPlan:
+    """A malicious node's resolved settings (node config over run config)."""
+
+    attack: str
+    params: dict[str, Any] = field(default_factory=dict)
+    knowledge: str = "collude"
+    data: str = "own"
+    colluders: int = 1
+    collusion_dir: str = ""
+    collusion_timeout: float = 60.0
+
+    @property
+    def flips_labels(self) -> bool:
+        """``label-flip`` poisons the training labels instead of the update."""
+        return self.attack == "label-flip"
+
+
+def resolve_plan(run: RunConfig, node: NodeConfig) -> AttackPlan | None:
+    """This node's attack plan, or ``None`` for an honest node."""
+    if node.role == "honest":
+        return None
+    if node.role == "":
+        if run.num_malicious == 0:
+            return None
+        chosen = malicious_partitions(node.num_partitions, run.num_malicious, run.seed)
+        if node.partition_id not in chosen:
+            return None
+
+    def pick(key: str) -> Any:
+        mine = getattr(node, key)
+        return getattr(run, key) if mine is None else mine
+
+    attack = pick("attack")
+    if attack == "none":
+        raise ConfigError(
+            "node config key 'role': value 'malicious' needs an attack; set node config or "
+            f"run config key 'attack' to one of {[*UPDATE_ATTACKS, 'label-flip']}"
+        )
+    colluders = node.num_colluders or max(run.num_malicious, 1)
+    params: dict[str, Any] = {}
+    if attack == "ipm":
+        params["epsilon"] = pick("attack_epsilon")
+    elif attack == "alie":
+        z = pick("attack_z")
+        # attack-z = 0 (the default) means Baruch et al.'s z_max for this n and f
+        params["z"] = z if z != 0 else alie_z_max(node.num_partitions, colluders)
+    elif attack == "gaussian":
+        params["sigma"] = pick("attack_sigma")
+    elif attack == "mimic":
+        params["target"] = pick("attack_target")
+    elif attack == "scaling":
+        params["scale"] = pick("attack_scale")
+    plan = AttackPlan(
+        attack=attack,
+        params=params,
+        knowledge=pick("attack_knowledge"),
+        data=pick("attack_data"),
+        colluders=colluders,
+        collusion_dir=pick("collusion_dir"),
+        collusion_timeout=run.collusion_timeout,
+    )
+    if (
+        plan.knowledge == "collude"
+        and plan.colluders > 1
+        and not plan.collusion_dir
+        and attack in UPDATE_ATTACKS
+    ):
+        raise ConfigError(
+            f"key 'collusion-dir': value '' is not allowed with attack-knowledge='collude' and "
+            f"{plan.colluders} colluders; allowed: a directory every attacker can write "
+            "(bastion run and bastion simulate set one), or attack-knowledge='own'"
+        )
+    return plan
+
+
+@dataclass(frozen=True)
+class Crafted:
+    """A malicious update and what the attacker knew when it made it."""
+
+    update: torch.Tensor  # (d,) delta to add to the global model
+    known_rows: int  # k: honest estimates the attack used
+    colluders_seen: int  # attackers heard from (1 without collusion)
+
+
+def craft_update(
+    plan: AttackPlan,
+    own: torch.Tensor,
+    *,
+    server_round: int,
+    round_seed: int,
+    partition_id: int,
+    run_id: int,
+) -> Crafted:
+    """Turn the attacker's honest update delta ``own`` (shape ``(d,)``) into the delta
+    it sends, according to ``plan``.
+
+    ``label-flip`` and the omniscient mode send ``own`` unchanged (the poisoning
+    already happened in training, or the server's research hook replaces it).
+    """
+    if plan.attack not in UPDATE_ATTACKS or plan.knowledge == "omniscient":
+        return Crafted(own, 1, 1)
+    known, seen = own[None, :], 1
+    if plan.knowledge == "collude" and plan.colluders > 1:
+        channel = SharedDirectory(
+            root=Path(plan.collusion_dir),
+            run_id=run_id,
+            expected=plan.colluders,
+            timeout=plan.collusion_timeout,
+        )
+        exchange = channel.exchange(server_round, partition_id, own)
+        known, seen = exchange.updates, len(exchange.partition_ids)
+    params = dict(plan.params)
+    if plan.attack == "gaussian":
+        # the same noise for every colluder in a round, fresh noise every round
+        params["seed"] = round_seed
+    attack = build_attack(plan.attack, **params)
+    return Crafted(attack(known), int(known.shape[0]), seen)
+
+
+def apply_attack(
+    plan: AttackPlan,
+    global_state: Mapping[str, torch.Tensor],
+    trained_state: Mapping[str, torch.Tensor],
+    **round_info: int,
+) -> tuple[dict[str, torch.Tensor], Crafted]:
+    """The state dict a malicious node sends: ``global + craft_update(trained - global)``.
+
+    The honest delta is formed per array in the arrays' dtype and flattened in
+    state-dict order; the crafted delta is cut back into the same arrays.
+    ``round_info`` are :func:`craft_update`'s keyword arguments.
+    """
+    keys = list(global_state)
+    own = torch.cat(
+        [
+            (trained_state[k].detach().cpu() - global_state[k].detach().cpu()).reshape(-1)
+            for k in keys
+        ]
+    )
+    crafted = craft_update(plan, own, **round_info)
+    out: dict[str, torch.Tensor] = {}
+    offset = 0
+    for k in keys:
+        base = global_state[k].detach().cpu()
+        size = base.numel()
+        piece = crafted.update[offset : offset + size].reshape(base.shape).to(base.dtype)
+        out[k] = base + piece
+        offset += size
+    return out, crafted
