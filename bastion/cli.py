@@ -60,6 +60,8 @@ def build_run_config(args: argparse.Namespace, app_dir: Path) -> tuple[RunConfig
         "seed": args.seed,
         "aggregator": args.aggregator,
         "num-byzantine": args.num_byzantine,
+        "num-malicious": getattr(args, "malicious", None),
+        "attack": getattr(args, "attack", None),
     }
     overrides |= {k: v for k, v in flags.items() if v is not None}
     overrides.setdefault("min-available-nodes", args.clients)
@@ -71,6 +73,9 @@ def build_run_config(args: argparse.Namespace, app_dir: Path) -> tuple[RunConfig
     output = Path(args.output_dir) if args.output_dir else _fresh_run_dir(full)
     overrides["output-dir"] = str(output.resolve())
     full["output-dir"] = overrides["output-dir"]
+    if int(full.get("num-malicious", 0)) > 1 and not full.get("collusion-dir"):
+        # the colluding attackers' side channel (client.collusion) for this run
+        overrides["collusion-dir"] = full["collusion-dir"] = str(output.resolve() / "collusion")
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:
         raise ConfigError(
@@ -123,6 +128,12 @@ def progress_line(row: dict[str, Any], total: int) -> str:
         f"loss {_fmt(row.get('central_loss'), '.4f')}  "
         f"clients {row.get('num_accepted', 0)} ok / {row.get('num_rejected', 0)} rejected  "
         f"{_fmt(row.get('round_seconds'), '.1f')} s"
+        + (
+            f"  malicious accepted {row['num_malicious_accepted']}"
+            f" (influence {_fmt(row.get('malicious_influence'), '.2f')})"
+            if row.get("num_malicious_accepted")
+            else ""
+        )
     )
 
 
@@ -210,6 +221,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(
             f"bastion: --clients {args.clients} is more than the {len(train)} training "
             f"samples of {cfg.dataset!r}",
+            file=sys.stderr,
+        )
+        return 2
+    if cfg.num_malicious > args.clients:
+        print(
+            f"bastion: --malicious {cfg.num_malicious} is more than --clients {args.clients}",
+            file=sys.stderr,
+        )
+        return 2
+    if cfg.attack_knowledge == "omniscient":
+        print(
+            "bastion: attack-knowledge='omniscient' is a simulation-only research mode (the "
+            "attackers see every honest update of the round, which no deployed server may "
+            "give them); use `bastion simulate`, or attack-knowledge='collude' or 'own' here",
             file=sys.stderr,
         )
         return 2
@@ -329,6 +354,18 @@ def make_parser() -> argparse.ArgumentParser:
         "--num-byzantine",
         type=int,
         help="Byzantine clients the rule must tolerate (f, run-config num-byzantine)",
+    )
+    run.add_argument(
+        "--malicious",
+        type=int,
+        help="make this many of the clients malicious (run-config num-malicious; which "
+        "ones follows a seeded rule)",
+    )
+    run.add_argument(
+        "--attack",
+        help="ipm | alie | sign-flip | label-flip | gaussian | mimic | scaling "
+        "(parameters: --run-config 'attack-epsilon=... attack-z=... attack-sigma=... "
+        'attack-scale=... attack-knowledge="own"\')',
     )
     run.add_argument("--output-dir", help="results directory (default: a new folder in ./runs/)")
     run.add_argument(
