@@ -23,6 +23,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from bastion.config import RunConfig
+from server.omniscient import OmniscientAdversary
 from server.results import RunResults, default_run_dir
 from strategies.strategy import NodeDiagnostics, RobustStrategy, pipeline_from_config
 from task.datasets import load_dataset
@@ -99,6 +100,12 @@ def _run(grid: Grid, cfg: RunConfig, results: RunResults) -> None:
         min_available_nodes=cfg.min_available_nodes,
     )
     arrays = ArrayRecord(model.state_dict())
+    # research mode, simulation only (raises on a real federation): see server.omniscient
+    adversary = (
+        OmniscientAdversary(cfg, grid)
+        if cfg.attack_knowledge == "omniscient" and cfg.num_malicious > 0
+        else None
+    )
     started = time.monotonic()
 
     def central(server_round: int) -> dict[str, float]:
@@ -120,6 +127,9 @@ def _run(grid: Grid, cfg: RunConfig, results: RunResults) -> None:
         )
         num_clients = max(num_clients, len(list(grid.get_node_ids())))
         replies, missing = send_and_receive(grid, messages, cfg.round_timeout)
+        if adversary is not None:
+            seed = int(cfg.train_instructions(server_round)["round-seed"])
+            adversary.tamper(replies, arrays, seed)
         round_seconds = time.monotonic() - round_start
         new_arrays, _ = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:

@@ -1,0 +1,107 @@
+"""Omniscient attackers: a research mode for simulation only.
+
+The attack papers' threat model (Baruch et al. 2019; Xie, Koyejo & Gupta 2020;
+Karimireddy, He & Jaggi 2022) lets the Byzantine workers see every honest update
+of the round before they answer. No deployed client can know that: the honest
+updates are computed at the same time as its own and go only to the server. To
+reproduce the papers anyway, this module sits in the ServerApp's round loop,
+*after* the replies arrive and *before* the strategy sees them, and replaces the
+update of every reply flagged ``malicious = 1`` by the attack computed from all
+honest updates of the round. It is deliberately not part of the strategy, and it
+refuses to run unless the ServerApp's grid is Flower's simulation grid
+(``InMemoryGrid``), so a server talking to real SuperNodes never helps an attack.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, Message
+from flwr.serverapp import Grid
+
+from bastion.config import RunConfig
+from client.attacks import alie_z_max, build_attack
+from strategies.layout import ModelLayout
+from strategies.validation import METRICS_KEY, RejectedReply, check_train_reply
+
+
+class OmniscientRefused(RuntimeError):
+    """Omniscient attackers were asked for outside Flower's simulation engine."""
+
+
+def running_in_simulation(grid: Grid) -> bool:
+    """True when ``grid`` is the Simulation Engine's in-memory grid.
+
+    A ServerApp started by a SuperLink for real SuperNodes gets an ``HttpGrid``;
+    ``flwr run`` on a simulation federation (and ``flwr.simulation.run_simulation``)
+    gives it an ``InMemoryGrid`` whose nodes are simulated in the same runtime.
+    """
+    from flwr.superlink.grid import InMemoryGrid
+
+    return isinstance(grid, InMemoryGrid)
+
+
+class OmniscientAdversary:
+    """Replaces flagged replies' updates with an attack on all honest updates."""
+
+    def __init__(self, cfg: RunConfig, grid: Grid) -> None:
+        if not running_in_simulation(grid):
+            raise OmniscientRefused(
+                "run config key 'attack-knowledge': value 'omniscient' is only allowed in "
+                f"simulation (the ServerApp got a {type(grid).__name__}, i.e. real SuperNodes); "
+                "allowed here: 'own' or 'collude'"
+            )
+        self.cfg = cfg
+
+    def _params(self, num_replies: int, num_malicious: int, round_seed: int) -> dict[str, Any]:
+        cfg = self.cfg
+        if cfg.attack == "ipm":
+            return {"epsilon": cfg.attack_epsilon}
+        if cfg.attack == "alie":
+            z = cfg.attack_z or alie_z_max(num_replies, max(num_malicious, 1))
+            return {"z": z}
+        if cfg.attack == "gaussian":
+            return {"sigma": cfg.attack_sigma, "seed": round_seed}
+        if cfg.attack == "mimic":
+            return {"target": cfg.attack_target}
+        if cfg.attack == "scaling":
+            return {"scale": cfg.attack_scale}
+        return {}
+
+    def tamper(self, replies: list[Message], global_arrays: ArrayRecord, round_seed: int) -> int:
+        """Rewrite, in place, the update of every well-formed reply flagged malicious.
+
+        The attack's ``known`` rows are the well-formed honest replies' deltas in
+        partition-id order. Returns how many replies were rewritten (0 when the
+        attack is a data attack such as label flip, or when no honest reply exists).
+        """
+        if self.cfg.attack in ("none", "label-flip"):
+            return 0
+        layout = ModelLayout.of(global_arrays)
+        honest: list[tuple[int, Message]] = []
+        malicious: list[Message] = []
+        for msg in replies:
+            try:
+                check_train_reply(msg, layout)
+            except RejectedReply:
+                continue  # the strategy will reject it with its reason
+            metrics = msg.content.metric_records[METRICS_KEY]
+            if metrics.get("malicious") == 1:
+                malicious.append(msg)
+            else:
+                pid = metrics.get("partition-id")
+                honest.append((pid if isinstance(pid, int) else 1 << 62, msg))
+        if not malicious or not honest:
+            return 0
+        honest.sort(key=lambda item: item[0])
+        base = layout.flatten(global_arrays)
+        known = torch.stack(
+            [layout.flatten(m.content.array_records["arrays"]) - base for _, m in honest]
+        )
+        params = self._params(len(replies), len(malicious), round_seed)
+        update = build_attack(self.cfg.attack, **params)(known)
+        crafted = layout.add_scaled(global_arrays, update, 1.0)
+        for msg in malicious:
+            msg.content["arrays"] = crafted
+        return len(malicious)
