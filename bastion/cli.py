@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 import tomllib
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bastion.config import ConfigError, RunConfig, parse_overrides
+from bastion.config import ConfigError, RunConfig, format_overrides, parse_overrides
 from bastion.federation import LocalFederation
 
 
@@ -325,6 +326,210 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """``bastion simulate``: the same app on Flower's Simulation Engine (Ray)."""
+    from bastion.simulation import SimulationUnavailableError, run_simulation
+
+    if args.clients < 2:
+        print("bastion: --clients must be at least 2", file=sys.stderr)
+        return 2
+    app_dir = find_app_dir(args.app)
+    try:
+        cfg, overrides = build_run_config(args, app_dir)
+    except ConfigError as exc:
+        print(f"bastion: invalid configuration:\n{exc}", file=sys.stderr)
+        return 2
+    if cfg.num_malicious > args.clients:
+        print(
+            f"bastion: --malicious {cfg.num_malicious} is more than --clients {args.clients}",
+            file=sys.stderr,
+        )
+        return 2
+    problem = check_rule_fits(cfg, args.clients)
+    if problem:
+        print(f"bastion: {problem}", file=sys.stderr)
+        return 2
+    print(
+        f"bastion: {args.clients} virtual SuperNodes on Flower's Simulation Engine, "
+        f"{cfg.num_server_rounds} rounds of {cfg.dataset}/{cfg.partitioner}; "
+        f"results in {cfg.output_dir}"
+    )
+    rows: list[dict[str, Any]] = []
+
+    def on_round(row: dict[str, Any]) -> None:
+        rows.append(row)
+        print(progress_line(row, cfg.num_server_rounds), flush=True)
+
+    colluders = cfg.num_malicious if cfg.attack_knowledge == "collude" else 0
+    try:
+        result = run_simulation(
+            num_supernodes=args.clients,
+            run_config=overrides,
+            app_dir=app_dir,
+            cpus_per_client=args.cpus_per_client,
+            min_parallel_clients=colluders or None,
+            timeout=args.timeout,
+            on_round=on_round,
+        )
+    except SimulationUnavailableError as exc:
+        print(f"bastion: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nbastion: interrupted; the simulation was stopped", file=sys.stderr)
+        return 130
+    if not result.ok:
+        print(f"bastion: the simulation did not complete: {result.error}", file=sys.stderr)
+        return result.exit_code
+    print()
+    print(final_table(rows))
+    summary = result.summary or {}
+    print(
+        f"\nfinal accuracy {summary.get('final_accuracy', float('nan')):.4f} after "
+        f"{summary.get('rounds')} rounds ({result.wall_seconds:.0f} s wall); results in "
+        f"{result.output_dir}"
+    )
+    return 0
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    """``bastion grid FILE``: run an experiment grid (resumable), then table and plots."""
+    from bastion.experiment_plots import plot_grid
+    from bastion.experiments import load_grid, run_grid, write_tables
+
+    try:
+        grid = load_grid(args.file)
+    except (ConfigError, OSError, ValueError, KeyError) as exc:
+        print(f"bastion: invalid grid file {args.file}:\n{exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    app_dir = find_app_dir(args.app)
+    if not args.report_only:
+        runner = _grid_runner(grid.backend, app_dir, args.cell_timeout)
+        if runner is None:
+            return 2
+        try:
+            results = run_grid(grid, out, runner)
+        except KeyboardInterrupt:
+            print(
+                "\nbastion: interrupted; finished cells are kept (run again to resume)",
+                file=sys.stderr,
+            )
+            return 130
+    else:
+        from bastion.experiments import cell_done
+
+        results = [
+            (c, out / "cells" / c.slug, cell_done(out / "cells" / c.slug)) for c in grid.cells
+        ]
+    rows = write_tables(results, out)
+    plots = plot_grid(results, out)
+    done = sum(ok for _, _, ok in results)
+    print(
+        f"grid: {done}/{len(results)} cells completed; table {out / 'results.md'} "
+        f"({len(rows)} rows), plots: {', '.join(p.name for p in plots) or 'none'}"
+    )
+    return 0 if done == len(results) else 1
+
+
+def _grid_runner(backend: str, app_dir: Path, cell_timeout: float) -> Any:
+    """A cell runner for ``backend`` ("simulation" or "federation"), or None (printed why)."""
+    if backend == "simulation":
+        from bastion.simulation import RAY_MISSING_MESSAGE, ray_available, run_simulation
+
+        if not ray_available():
+            print(f"bastion: {RAY_MISSING_MESSAGE}", file=sys.stderr)
+            return None
+
+        def run_cell(overrides: dict[str, Any], cell_dir: Path, clients: int) -> int:
+            colluding = overrides.get("attack-knowledge", "collude") == "collude"
+            malicious = int(overrides.get("num-malicious", 0))
+            if colluding and malicious > 1:
+                overrides.setdefault("collusion-dir", str(cell_dir / "collusion"))
+            res = run_simulation(
+                num_supernodes=clients,
+                run_config=overrides,
+                app_dir=app_dir,
+                output_dir=cell_dir,
+                min_parallel_clients=malicious if colluding and malicious > 1 else None,
+                timeout=cell_timeout,
+            )
+            return res.exit_code
+
+        return run_cell
+
+    def run_federation_cell(overrides: dict[str, Any], cell_dir: Path, clients: int) -> int:
+        args = [
+            "--clients",
+            str(clients),
+            "--output-dir",
+            str(cell_dir),
+            "--run-config",
+            format_overrides(overrides),
+            "--app",
+            str(app_dir),
+            "--timeout",
+            str(cell_timeout),
+        ]
+        return subprocess.run(
+            [sys.executable, "-m", "bastion.cli", "run", *args],
+            stdout=subprocess.DEVNULL,
+            check=False,
+        ).returncode
+
+    return run_federation_cell
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    """The flags ``bastion run`` and ``bastion simulate`` share."""
+    p.add_argument("--rounds", type=int, help="number of server rounds (num-server-rounds)")
+    p.add_argument("--dataset", help="digits | fashion-mnist | mnist | cifar10")
+    p.add_argument("--data-dir", help="directory holding the dataset files")
+    p.add_argument("--partitioner", help="iid | dirichlet | label-sorted | pathological")
+    p.add_argument("--seed", type=int, help="seed of model init, partitioning and training")
+    p.add_argument(
+        "--aggregator",
+        help="mean | median | trimmed-mean | krum | multi-krum | "
+        "geometric-median | bulyan | centered-clipping",
+    )
+    p.add_argument(
+        "--num-byzantine",
+        type=int,
+        help="Byzantine clients the rule must tolerate (f, run-config num-byzantine)",
+    )
+    p.add_argument(
+        "--malicious",
+        type=int,
+        help="make this many of the clients malicious (run-config num-malicious; which "
+        "ones follows a seeded rule)",
+    )
+    p.add_argument(
+        "--attack",
+        help="ipm | alie | sign-flip | label-flip | gaussian | mimic | scaling "
+        "(parameters: --run-config 'attack-epsilon=... attack-z=... attack-sigma=... "
+        'attack-scale=... attack-knowledge="own"\')',
+    )
+    p.add_argument("--output-dir", help="results directory (default: a new folder in ./runs/)")
+    p.add_argument(
+        "--run-config",
+        default="",
+        help='more run-config keys, e.g. "lr=0.05 alpha=0.1" (flwr run syntax)',
+    )
+    p.add_argument("--app", help="Flower App directory (default: the Bastion checkout)")
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        default=0,
+        help="torch threads per ClientApp (default: cores / clients, at least 1)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=3600.0,
+        help="give up after this many seconds (default 3600)",
+    )
+
+
 def make_parser() -> argparse.ArgumentParser:
     """The ``bastion`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -340,53 +545,38 @@ def make_parser() -> argparse.ArgumentParser:
         "this app with `flwr run`, show each round, print a final table, stop every process.",
     )
     run.add_argument("--clients", type=int, default=10, help="number of SuperNodes (default 10)")
-    run.add_argument("--rounds", type=int, help="number of server rounds (num-server-rounds)")
-    run.add_argument("--dataset", help="digits | fashion-mnist | mnist | cifar10")
-    run.add_argument("--data-dir", help="directory holding the dataset files")
-    run.add_argument("--partitioner", help="iid | dirichlet | label-sorted | pathological")
-    run.add_argument("--seed", type=int, help="seed of model init, partitioning and training")
-    run.add_argument(
-        "--aggregator",
-        help="mean | median | trimmed-mean | krum | multi-krum | "
-        "geometric-median | bulyan | centered-clipping",
-    )
-    run.add_argument(
-        "--num-byzantine",
-        type=int,
-        help="Byzantine clients the rule must tolerate (f, run-config num-byzantine)",
-    )
-    run.add_argument(
-        "--malicious",
-        type=int,
-        help="make this many of the clients malicious (run-config num-malicious; which "
-        "ones follows a seeded rule)",
-    )
-    run.add_argument(
-        "--attack",
-        help="ipm | alie | sign-flip | label-flip | gaussian | mimic | scaling "
-        "(parameters: --run-config 'attack-epsilon=... attack-z=... attack-sigma=... "
-        'attack-scale=... attack-knowledge="own"\')',
-    )
-    run.add_argument("--output-dir", help="results directory (default: a new folder in ./runs/)")
-    run.add_argument(
-        "--run-config",
-        default="",
-        help='more run-config keys, e.g. "lr=0.05 alpha=0.1" (flwr run syntax)',
-    )
-    run.add_argument("--app", help="Flower App directory (default: the Bastion checkout)")
-    run.add_argument(
-        "--torch-threads",
-        type=int,
-        default=0,
-        help="torch threads per ClientApp (default: cores / clients, at least 1)",
-    )
-    run.add_argument(
-        "--timeout",
-        type=float,
-        default=3600.0,
-        help="give up after this many seconds (default 3600)",
-    )
+    _add_run_flags(run)
     run.set_defaults(func=cmd_run)
+
+    sim = sub.add_parser(
+        "simulate",
+        help="train on Flower's Simulation Engine (Ray), 25-100 virtual clients",
+        description="Run the same ServerApp and ClientApp on virtual SuperNodes with Flower's "
+        "Simulation Engine (needs the simulation extra: pip install -e '.[simulation]').",
+    )
+    sim.add_argument("--clients", type=int, default=25, help="virtual SuperNodes (default 25)")
+    sim.add_argument(
+        "--cpus-per-client", type=int, default=1, help="CPUs per ClientApp actor (default 1)"
+    )
+    _add_run_flags(sim)
+    sim.set_defaults(func=cmd_simulate)
+
+    grid = sub.add_parser(
+        "grid",
+        help="run an attack x defence experiment grid (resumable) and report it",
+        description="Run every cell of a grid file (TOML, see experiments/*.toml and "
+        "docs/ROBUSTNESS.md), skipping finished ones; write results.csv, results.md and plots.",
+    )
+    grid.add_argument("file", help="grid file (TOML)")
+    grid.add_argument("--out", required=True, help="output directory (cells/, tables, plots)")
+    grid.add_argument("--app", help="Flower App directory (default: the Bastion checkout)")
+    grid.add_argument(
+        "--cell-timeout", type=float, default=1800.0, help="seconds per cell (default 1800)"
+    )
+    grid.add_argument(
+        "--report-only", action="store_true", help="only (re)write the table and plots"
+    )
+    grid.set_defaults(func=cmd_grid)
     return parser
 
 
