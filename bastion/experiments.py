@@ -1,0 +1,251 @@
+"""The attack x defence experiment runner: a grid file -> runs -> table and plots.
+
+A grid file (TOML) names a base run config, axes whose Cartesian product gives the
+cells, and optional sweeps (extra, smaller products)::
+
+    [grid]
+    clients = 25                 # SuperNodes per run
+    backend = "simulation"       # or "federation" (real gRPC processes, slower)
+
+    [base]                       # run-config keys every cell shares
+    dataset = "fashion-mnist"
+    num-server-rounds = 30
+
+    [axes]                       # one list per axis; scalars set that key,
+    partitioner = ["iid", "label-sorted"]          # tables set several keys
+    attack = [{attack = "none"}, {attack = "ipm", attack-epsilon = 0.1, label = "ipm 0.1"}]
+    aggregator = ["mean", "krum"]
+    resampling-s = [0, 2]
+
+    [[sweep]]                    # more cells: base + fixed + the sweep's own axes
+    name = "krum-ipm"
+    fixed = {aggregator = "krum", attack = "ipm"}
+    axes = {attack-epsilon = [0.1, 0.5, 1.0, 10.0]}
+
+Each cell is one Bastion run whose results directory is
+``<out>/cells/<slug>``; a cell whose ``summary.json`` says ``completed`` is
+skipped, so an interrupted grid resumes where it stopped. ``attack = "none"``
+cells run with ``num-malicious = 0`` (the grid's ``malicious`` count applies to
+the others). After the runs, :func:`write_report` writes ``results.csv``,
+``results.md`` and the plots (see :mod:`bastion.experiment_plots`).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import itertools
+import json
+import time
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bastion.config import ConfigError, RunConfig
+
+# run(cell overrides, output dir, number of clients) -> process exit code
+CellRunner = Callable[[dict[str, Any], Path, int], int]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid: its labels per axis and its full run-config overrides."""
+
+    labels: dict[str, str]
+    overrides: dict[str, Any]
+    group: str = "main"  # "main" or the sweep's name
+
+    @property
+    def slug(self) -> str:
+        """A stable directory name: readable labels plus a hash of the overrides."""
+        text = json.dumps(self.overrides, sort_keys=True)
+        digest = hashlib.sha1(text.encode()).hexdigest()[:8]
+        readable = "-".join(
+            str(v).replace(" ", "").replace("/", "_").replace("=", "") for v in self.labels.values()
+        )
+        return f"{self.group}-{readable}-{digest}"[:120]
+
+
+@dataclass
+class Grid:
+    """A parsed grid file."""
+
+    clients: int
+    backend: str
+    malicious: int
+    base: dict[str, Any]
+    cells: list[Cell] = field(default_factory=list)
+
+
+def _axis_values(name: str, values: Any) -> list[tuple[str, dict[str, Any]]]:
+    if not isinstance(values, list) or not values:
+        raise ConfigError(
+            f"grid axis {name!r}: value {values!r} is not allowed; allowed: a "
+            "non-empty list of values or tables"
+        )
+    out = []
+    for value in values:
+        if isinstance(value, dict):
+            value = dict(value)
+            label = str(value.pop("label", " ".join(f"{v}" for v in value.values())))
+            out.append((label, value))
+        else:
+            out.append((str(value), {name: value}))
+    return out
+
+
+def _product(axes: Mapping[str, Any]) -> Iterable[tuple[dict[str, str], dict[str, Any]]]:
+    names = list(axes)
+    choices = [_axis_values(n, axes[n]) for n in names]
+    for combo in itertools.product(*choices):
+        labels = {n: label for n, (label, _) in zip(names, combo, strict=True)}
+        overrides: dict[str, Any] = {}
+        for _, values in combo:
+            overrides |= values
+        yield labels, overrides
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Parse and validate a grid file; every cell's run config is checked up front."""
+    data = tomllib.loads(Path(path).read_text())
+    head = data.get("grid", {})
+    clients = int(head.get("clients", 25))
+    backend = str(head.get("backend", "simulation"))
+    if backend not in ("simulation", "federation"):
+        raise ConfigError(
+            f"grid key 'backend': value {backend!r} is not allowed; allowed: "
+            "'simulation', 'federation'"
+        )
+    malicious = int(head.get("malicious", 0))
+    base = dict(data.get("base", {}))
+    grid = Grid(clients, backend, malicious, base)
+    sections = [("main", {}, data.get("axes", {}))]
+    for sweep in data.get("sweep", []):
+        sections.append((str(sweep["name"]), dict(sweep.get("fixed", {})), sweep.get("axes", {})))
+    seen: set[str] = set()
+    for group, fixed, axes in sections:
+        if not axes and group == "main":
+            continue
+        for labels, overrides in _product(axes):
+            full = base | fixed | overrides
+            attacking = full.get("attack", "none") != "none"
+            full.setdefault("num-malicious", malicious if attacking else 0)
+            if not attacking:
+                full["num-malicious"] = 0
+            full.setdefault("min-available-nodes", clients)
+            full.setdefault("min-train-nodes", clients)
+            try:
+                RunConfig.from_flat(full)
+            except ConfigError as exc:
+                raise ConfigError(f"grid cell {labels} ({group}): {exc}") from None
+            cell = Cell(labels | {k: str(v) for k, v in fixed.items()}, full, group)
+            if cell.slug not in seen:  # a sweep may repeat a main cell: run it once
+                seen.add(cell.slug)
+                grid.cells.append(cell)
+    if not grid.cells:
+        raise ConfigError(f"grid file {path}: no cells (give [axes] or [[sweep]] sections)")
+    return grid
+
+
+def cell_done(cell_dir: Path) -> bool:
+    """A cell is done when its summary says the run completed."""
+    try:
+        return json.loads((cell_dir / "summary.json").read_text()).get("status") == "completed"
+    except (OSError, ValueError):
+        return False
+
+
+def run_grid(
+    grid: Grid,
+    out: Path,
+    runner: CellRunner,
+    *,
+    echo: Callable[[str], None] = print,
+) -> list[tuple[Cell, Path, bool]]:
+    """Run every cell not yet done (in order), with a progress line per cell and an ETA.
+
+    Returns ``(cell, directory, completed)`` for every cell.
+    """
+    cells_dir = out / "cells"
+    cells_dir.mkdir(parents=True, exist_ok=True)
+    todo = [c for c in grid.cells if not cell_done(cells_dir / c.slug)]
+    echo(
+        f"grid: {len(grid.cells)} cells, {len(grid.cells) - len(todo)} already done, "
+        f"{len(todo)} to run ({grid.backend}, {grid.clients} clients)"
+    )
+    started, results = time.monotonic(), []
+    for i, cell in enumerate(todo, 1):
+        cell_dir = cells_dir / cell.slug
+        t0 = time.monotonic()
+        code = runner(dict(cell.overrides) | {"output-dir": str(cell_dir)}, cell_dir, grid.clients)
+        took = time.monotonic() - t0
+        ok = code == 0 and cell_done(cell_dir)
+        acc = _summary(cell_dir).get("final_accuracy")
+        eta = (time.monotonic() - started) / i * (len(todo) - i)
+        what = ", ".join(f"{k}={v}" for k, v in cell.labels.items())
+        echo(
+            f"[{i}/{len(todo)}] {what}: "
+            + (f"accuracy {acc:.4f}" if ok and acc is not None else f"FAILED (exit {code})")
+            + f"  {took:.0f} s, ETA {eta / 60:.0f} min"
+        )
+    for cell in grid.cells:
+        cell_dir = cells_dir / cell.slug
+        results.append((cell, cell_dir, cell_done(cell_dir)))
+    return results
+
+
+def _summary(cell_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((cell_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except OSError:
+        return []
+
+
+def cell_row(cell: Cell, cell_dir: Path) -> dict[str, Any]:
+    """The table row of one cell: its labels, final/best accuracy, malicious influence."""
+    rows = [r for r in _jsonl(cell_dir / "metrics.jsonl") if r.get("round", 0) > 0]
+    infl = [r["malicious_influence"] for r in rows if r.get("malicious_influence") is not None]
+    summary = _summary(cell_dir)
+    return {
+        "group": cell.group,
+        **cell.labels,
+        "status": summary.get("status", "missing"),
+        "final_accuracy": summary.get("final_accuracy"),
+        "best_accuracy": max((r.get("central_accuracy", 0.0) for r in rows), default=None),
+        "rounds": len(rows),
+        "mean_malicious_influence": sum(infl) / len(infl) if infl else None,
+        "skipped_aggregations": sum(1 for r in rows if r.get("aggregation_error")),
+        "dir": cell_dir.name,
+    }
+
+
+def write_tables(results: list[tuple[Cell, Path, bool]], out: Path) -> list[dict[str, Any]]:
+    """``results.csv`` and ``results.md`` (one row per cell); returns the rows."""
+    rows = [cell_row(c, d) for c, d, _ in results]
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(out / "results.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "–"
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    shown = [k for k in keys if k != "dir"]
+    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(fmt(r.get(k)) for k in shown) + " |" for r in rows]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    return rows
