@@ -143,9 +143,19 @@ class ModelLayout:
                 torch.sub(self._view(record, slot), self._view(minus, slot), out=piece)
 
     def add_scaled(
-        self, record: ArrayRecord, step: torch.Tensor, scale: float, chunk: int = 1 << 20
+        self,
+        record: ArrayRecord,
+        step: torch.Tensor,
+        scale: float,
+        chunk: int = 1 << 20,
+        *,
+        overwrite_step: bool = False,
     ) -> ArrayRecord:
         """``record + scale * step`` as a new ``ArrayRecord``, each entry rounded once.
+
+        With ``overwrite_step`` (a CPU ``step`` the caller no longer needs), each
+        array's sum is formed in ``step``'s own memory where the dtypes match, so
+        the only full-size allocation left is the ``.npy`` payloads.
 
         With ``scale == 1`` and a float32 array, one float32 addition is already the
         correctly rounded sum (IEEE 754), so it is done directly into the result.
@@ -161,8 +171,9 @@ class ModelLayout:
         for slot in self.slots:
             base = self._view(record, slot)
             dtype = torch.float64 if slot.dtype == "float64" else torch.float32
-            result = torch.empty(base.shape, dtype=dtype)
             piece_step = step[slot.start : slot.stop]
+            reuse = overwrite_step and piece_step.dtype == dtype and piece_step.is_contiguous()
+            result = piece_step if reuse else torch.empty(base.shape, dtype=dtype)
             if scale == 1.0 and dtype == base.dtype == piece_step.dtype:
                 torch.add(base, piece_step, out=result)
             else:

@@ -245,7 +245,11 @@ class RobustStrategy(FedAvg):
                 self._velocity = torch.zeros(step.shape, dtype=torch.float64)
             self._velocity.mul_(self.server_momentum).add_(step.to("cpu", torch.float64))
             step = self._velocity
-        new_global = layout.add_scaled(self._global, step, self.server_lr)
+        # Without server momentum the aggregate is ours alone (rules return fresh
+        # tensors; centered clipping keeps a copy), so the new model is built in it.
+        new_global = layout.add_scaled(
+            self._global, step, self.server_lr, overwrite_step=step is aggregate
+        )
 
         losses = [d.train_loss for d in accepted if d.train_loss is not None]
         times = [d.train_seconds for d in accepted if d.train_seconds is not None]

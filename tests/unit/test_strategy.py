@@ -184,6 +184,13 @@ def test_add_scaled_rounds_once() -> None:
     assert not np.array_equal(twice, exact)  # the check above can tell the two apart
     one = layout.add_scaled(arrays, torch.from_numpy(step), 1.0)["w"].numpy()
     assert np.array_equal(one.reshape(-1), base.reshape(-1) + step)
+    # built in the step's own memory: the same values, and the step is consumed
+    for scale in (0.3, 1.0):
+        mine = torch.from_numpy(step.copy())
+        out = layout.add_scaled(arrays, mine, scale, chunk=777, overwrite_step=True)["w"].numpy()
+        ref = layout.add_scaled(arrays, torch.from_numpy(step), scale)["w"].numpy()
+        assert np.array_equal(out, ref)
+        assert np.array_equal(mine.numpy(), ref.reshape(-1))
 
 
 def test_deltas_are_exact_when_weights_are_large() -> None:
