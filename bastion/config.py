@@ -155,6 +155,8 @@ class RunConfig(_FlatModel):
     round_timeout: float = Field(300.0, gt=0)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
     output_dir: str = ""
+    # checkpoint the model (and strategy state) every k rounds; 0: only after the last
+    checkpoint_every: int = Field(1, ge=0, le=100_000)
     # Malicious clients (docs/ROBUSTNESS.md). num-malicious picks partitions by a
     # seeded rule (client.malicious.malicious_partitions); node configs with
     # role="malicious" are the other way to make a node an attacker.

@@ -141,8 +141,9 @@ def load_grid(path: str | Path) -> Grid:
             except ConfigError as exc:
                 raise ConfigError(f"grid cell {labels} ({group}): {exc}") from None
             cell = Cell(labels | {k: str(v) for k, v in fixed.items()}, full, group)
-            if cell.slug not in seen:  # a sweep may repeat a main cell: run it once
-                seen.add(cell.slug)
+            key = json.dumps(full, sort_keys=True)
+            if key not in seen:  # a sweep may repeat a main cell: run (and list) it once
+                seen.add(key)
                 grid.cells.append(cell)
     if not grid.cells:
         raise ConfigError(f"grid file {path}: no cells (give [axes] or [[sweep]] sections)")

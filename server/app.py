@@ -175,11 +175,13 @@ def _run(grid: Grid, cfg: RunConfig, results: RunResults) -> None:
             "elapsed_seconds": time.monotonic() - started,
             "time": time.time(),
         }
-        results.checkpoint(
-            server_round,
-            {k: v.clone() for k, v in model.state_dict().items()},
-            strategy.state_dict(),
-        )
+        last = server_round == cfg.num_server_rounds
+        if last or (cfg.checkpoint_every and server_round % cfg.checkpoint_every == 0):
+            results.checkpoint(
+                server_round,
+                {k: v.clone() for k, v in model.state_dict().items()},
+                strategy.state_dict(),
+            )
         results.log_round(row)
         log(
             INFO,

@@ -1,0 +1,128 @@
+"""The experiment grid: parsing, cells, resuming, tables and plots (runner faked)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from bastion.config import ConfigError
+from bastion.experiment_plots import plot_grid
+from bastion.experiments import cell_done, load_grid, run_grid, write_tables
+
+GRID = """
+[grid]
+clients = 6
+malicious = 1
+
+[base]
+dataset = "digits"
+num-server-rounds = 2
+
+[axes]
+partitioner = ["iid", "label-sorted"]
+attack = [{attack = "none"}, {attack = "ipm", attack-epsilon = 0.1, label = "ipm 0.1"}]
+aggregator = ["mean", "krum"]
+
+[[sweep]]
+name = "krum-ipm"
+fixed = {aggregator = "krum", attack = "ipm", partitioner = "iid"}
+axes = {attack-epsilon = [0.1, 10.0]}
+"""
+
+
+def write(tmp_path: Path, text: str = GRID) -> Path:
+    path = tmp_path / "grid.toml"
+    path.write_text(text)
+    return path
+
+
+def test_cells_are_the_product_plus_sweeps(tmp_path: Path) -> None:
+    grid = load_grid(write(tmp_path))
+    main = [c for c in grid.cells if c.group == "main"]
+    sweep = [c for c in grid.cells if c.group == "krum-ipm"]
+    assert len(main) == 2 * 2 * 2 and len(sweep) == 2
+    assert len({c.slug for c in grid.cells}) == len(grid.cells)
+    ipm = next(c for c in main if c.labels["attack"] == "ipm 0.1")
+    assert ipm.overrides["attack-epsilon"] == 0.1 and ipm.overrides["num-malicious"] == 1
+    clean = next(c for c in main if c.labels["attack"] == "none")
+    assert clean.overrides["num-malicious"] == 0  # no attackers without an attack
+    assert {c.overrides["attack-epsilon"] for c in sweep} == {0.1, 10.0}
+    assert all(c.overrides["min-available-nodes"] == 6 for c in grid.cells)
+
+
+def test_a_bad_cell_names_the_cell_and_key(tmp_path: Path) -> None:
+    text = GRID.replace('aggregator = ["mean", "krum"]', 'aggregator = ["mean", "krumm"]')
+    with pytest.raises(ConfigError, match=r"grid cell .*aggregator.*krumm"):
+        load_grid(write(tmp_path, text))
+    with pytest.raises(ConfigError, match="backend"):
+        load_grid(write(tmp_path, GRID.replace("clients = 6", 'clients = 6\nbackend = "x"')))
+
+
+def fake_runner(calls: list[str], fail: set[str] = frozenset()):  # type: ignore[assignment]
+    def run(overrides: dict, cell_dir: Path, clients: int) -> int:
+        calls.append(cell_dir.name)
+        cell_dir.mkdir(parents=True, exist_ok=True)
+        bad = overrides.get("attack") == "ipm"
+        rows = [{"round": 0, "central_accuracy": 0.1}]
+        for r in (1, 2):
+            rows.append(
+                {
+                    "round": r,
+                    "central_accuracy": 0.1 + 0.3 * r * (not bad),
+                    "malicious_influence": 1.0 if bad else None,
+                }
+            )
+        (cell_dir / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+        diags = [
+            {"round": r, "partition_id": p, "selected": p == 0, "malicious": bad and p == 0}
+            for r in (1, 2)
+            for p in range(clients)
+        ]
+        (cell_dir / "diagnostics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in diags))
+        status = "failed" if cell_dir.name in fail else "completed"
+        summary = {"status": status, "final_accuracy": rows[-1]["central_accuracy"]}
+        (cell_dir / "summary.json").write_text(json.dumps(summary))
+        return 0 if status == "completed" else 1
+
+    return run
+
+
+def test_grid_resumes_and_reports(tmp_path: Path) -> None:
+    grid = load_grid(write(tmp_path))
+    out = tmp_path / "out"
+    first_fail = {grid.cells[3].slug}
+    calls: list[str] = []
+    lines: list[str] = []
+    results = run_grid(grid, out, fake_runner(calls, first_fail), echo=lines.append)
+    assert len(calls) == len(grid.cells)
+    assert sum(ok for *_, ok in results) == len(grid.cells) - 1
+    assert any("FAILED" in line for line in lines) and "ETA" in lines[-1]
+    calls.clear()
+    results = run_grid(grid, out, fake_runner(calls), echo=lines.append)
+    assert calls == [grid.cells[3].slug]  # only the failed cell runs again
+    assert all(ok for *_, ok in results)
+    assert cell_done(out / "cells" / grid.cells[0].slug)
+
+    rows = write_tables(results, out)
+    with open(out / "results.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert len(table) == len(rows) == len(grid.cells)
+    ipm = [r for r in table if r["attack"] == "ipm 0.1"]
+    assert ipm and all(float(r["mean_malicious_influence"]) == 1.0 for r in ipm)
+    assert all(
+        float(r["final_accuracy"]) == pytest.approx(0.7) for r in table if r["attack"] == "none"
+    )
+    assert (out / "results.md").read_text().count("\n") == len(grid.cells) + 2
+
+    plots = {p.name for p in plot_grid(results, out)}
+    assert plots == {
+        "accuracy_curves.png",
+        "heatmap-iid.png",
+        "heatmap-label-sorted.png",
+        "krum_selection.png",
+        "malicious_influence.png",
+    }
+    assert all((out / p).stat().st_size > 5000 for p in plots)
