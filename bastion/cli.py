@@ -22,6 +22,7 @@ from typing import Any
 
 from bastion.config import ConfigError, RunConfig, format_overrides, parse_overrides
 from bastion.federation import LocalFederation
+from bastion.runlog import read_new_rows
 
 
 def find_app_dir(explicit: str | None = None) -> Path:
@@ -179,17 +180,6 @@ def final_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _read_new_rows(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
-    if not path.exists():
-        return [], offset
-    with open(path, encoding="utf-8") as fh:
-        fh.seek(offset)
-        chunk = fh.read()
-    complete = chunk[: chunk.rfind("\n") + 1]
-    rows = [json.loads(line) for line in complete.splitlines() if line.strip()]
-    return rows, offset + len(complete.encode())
-
-
 def _tail(path: Path, lines: int = 25) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -264,10 +254,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         offset, metrics = 0, run_dir / "metrics.jsonl"
         deadline = started + args.timeout
         while True:
-            new, offset = _read_new_rows(metrics, offset)
+            new, offset = read_new_rows(metrics, offset)
             finished = runner.popen.poll() is not None
             if finished:  # rows written just before the run ended
-                more, offset = _read_new_rows(metrics, offset)
+                more, offset = read_new_rows(metrics, offset)
                 new += more
             for row in new:
                 rows.append(row)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bastion.experiments import Cell
+from bastion.runlog import read_jsonl
 
 PANEL_KEYS = ("partitioner", "attack")
 IGNORED = ("seed",)
@@ -36,13 +37,6 @@ def _defence(cell: Cell) -> str:
 
 def _panel(cell: Cell) -> str:
     return " / ".join(cell.labels[k] for k in PANEL_KEYS if k in cell.labels) or cell.group
-
-
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    try:
-        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    except OSError:
-        return []
 
 
 def _grid_of(n: int) -> tuple[int, int]:
@@ -62,31 +56,9 @@ def plot_grid(results: list[tuple[Cell, Path, bool]], out: Path) -> list[Path]:
     if not done:
         return written
 
-    # accuracy curves
-    panels: dict[str, list[tuple[Cell, Path]]] = defaultdict(list)
-    for c, d in done:
-        panels[_panel(c)].append((c, d))
-    rows, cols = _grid_of(len(panels))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    for ax, (name, members) in zip(axes.flat, sorted(panels.items()), strict=False):
-        for c, d in members:
-            m = _jsonl(d / "metrics.jsonl")
-            ax.plot(
-                [r["round"] for r in m],
-                [r.get("central_accuracy") for r in m],
-                label=_defence(c),
-                lw=1.2,
-            )
-        ax.set_title(name, fontsize=9)
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("round", fontsize=8)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels) :]:
-        ax.axis("off")
-    handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=7)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    written.append(_save(fig, out / "accuracy_curves.png"))
+    written.append(
+        _curves(done, "central_accuracy", (0, 1), out / "accuracy_curves.png", first_round=0)
+    )
 
     # heatmaps
     by_part: dict[str, list[tuple[Cell, Path]]] = defaultdict(list)
@@ -136,7 +108,7 @@ def plot_grid(results: list[tuple[Cell, Path, bool]], out: Path) -> list[Path]:
         for ax, (c, d) in zip(axes.flat, krum, strict=False):
             counts: dict[int, int] = defaultdict(int)
             bad: set[int] = set()
-            for n in _jsonl(d / "diagnostics.jsonl"):
+            for n in read_jsonl(d / "diagnostics.jsonl"):
                 pid = n.get("partition_id")
                 if pid is None:
                     continue
@@ -160,33 +132,45 @@ def plot_grid(results: list[tuple[Cell, Path, bool]], out: Path) -> list[Path]:
     # malicious influence per round
     attacked = [(c, d) for c, d in done if c.labels.get("attack", "none") != "none"]
     if attacked:
-        panels = defaultdict(list)
-        for c, d in attacked:
-            panels[_panel(c)].append((c, d))
-        rows, cols = _grid_of(len(panels))
-        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
-        for ax, (name, members) in zip(axes.flat, sorted(panels.items()), strict=False):
-            for c, d in members:
-                m = [r for r in _jsonl(d / "metrics.jsonl") if r.get("round", 0) > 0]
-                if any(r.get("malicious_influence") is not None for r in m):
-                    ax.plot(
-                        [r["round"] for r in m],
-                        [r.get("malicious_influence") for r in m],
-                        label=_defence(c),
-                        lw=1.0,
-                    )
-            ax.set_title(name, fontsize=9)
-            ax.set_ylim(-0.02, 1.02)
-            ax.set_xlabel("round", fontsize=8)
-            ax.grid(alpha=0.3)
-        for ax in list(axes.flat)[len(panels) :]:
-            ax.axis("off")
-        handles, labels = axes.flat[0].get_legend_handles_labels()
-        if labels:
-            fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=7)
-        fig.tight_layout(rect=(0, 0.06, 1, 1))
-        written.append(_save(fig, out / "malicious_influence.png"))
+        path = out / "malicious_influence.png"
+        written.append(_curves(attacked, "malicious_influence", (-0.02, 1.02), path, first_round=1))
     return written
+
+
+def _curves(
+    cells: list[tuple[Cell, Path]],
+    key: str,
+    ylim: tuple[float, float],
+    path: Path,
+    *,
+    first_round: int,
+) -> Path:
+    """One panel per (partitioner, attack), one line per defence, of ``metrics.jsonl``'s
+    ``key`` over the rounds from ``first_round``."""
+    import matplotlib.pyplot as plt
+
+    panels: dict[str, list[tuple[Cell, Path]]] = defaultdict(list)
+    for c, d in cells:
+        panels[_panel(c)].append((c, d))
+    rows, cols = _grid_of(len(panels))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, (name, members) in zip(axes.flat, sorted(panels.items()), strict=False):
+        for c, d in members:
+            m = [r for r in read_jsonl(d / "metrics.jsonl") if r.get("round", 0) >= first_round]
+            if any(r.get(key) is not None for r in m):
+                ax.plot([r["round"] for r in m], [r.get(key) for r in m], label=_defence(c), lw=1.1)
+        ax.set_title(name, fontsize=9)
+        ax.set_ylim(*ylim)
+        ax.set_xlabel("round", fontsize=8)
+        ax.set_ylabel(key.replace("_", " "), fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if labels:
+        fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=7)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return _save(fig, path)
 
 
 def _save(fig: Any, path: Path) -> Path:

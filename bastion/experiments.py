@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from bastion.config import ConfigError, RunConfig
+from bastion.runlog import read_jsonl
 
 # run(cell overrides, output dir, number of clients) -> process exit code
 CellRunner = Callable[[dict[str, Any], Path, int], int]
@@ -204,16 +205,9 @@ def _summary(cell_dir: Path) -> dict[str, Any]:
         return {}
 
 
-def _jsonl(path: Path) -> list[dict[str, Any]]:
-    try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except OSError:
-        return []
-
-
 def cell_row(cell: Cell, cell_dir: Path) -> dict[str, Any]:
     """The table row of one cell: its labels, final/best accuracy, malicious influence."""
-    rows = [r for r in _jsonl(cell_dir / "metrics.jsonl") if r.get("round", 0) > 0]
+    rows = [r for r in read_jsonl(cell_dir / "metrics.jsonl") if r.get("round", 0) > 0]
     infl = [r["malicious_influence"] for r in rows if r.get("malicious_influence") is not None]
     summary = _summary(cell_dir)
     return {

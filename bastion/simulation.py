@@ -48,6 +48,7 @@ from typing import IO, Any
 
 from bastion.config import format_overrides
 from bastion.federation import flower_bin, free_port, processes_with_env, wait_for_port
+from bastion.runlog import read_new_rows
 
 __all__ = [
     "RAY_MISSING_MESSAGE",
@@ -170,19 +171,6 @@ def federation_config(
 
 def _default_app_dir() -> Path:
     return Path(__file__).resolve().parents[1]
-
-
-def _read_new_rows(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
-    """Complete JSON lines appended to ``path`` since byte ``offset``."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(offset)
-            chunk = fh.read()
-    except FileNotFoundError:
-        return [], offset
-    complete = chunk[: chunk.rfind(b"\n") + 1]
-    rows = [json.loads(line) for line in complete.decode().splitlines() if line.strip()]
-    return rows, offset + len(complete)
 
 
 @dataclass
@@ -426,7 +414,7 @@ def run_simulation(
         deadline = None if timeout is None else started + timeout
         while True:
             finished = runner.popen.poll() is not None
-            new, metrics_offset = _read_new_rows(metrics_path, metrics_offset)
+            new, metrics_offset = read_new_rows(metrics_path, metrics_offset)
             for row in new:
                 rows.append(row)
                 if on_round is not None:
