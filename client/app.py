@@ -24,8 +24,8 @@ from flwr.clientapp import ClientApp
 from bastion.config import NodeConfig, RunConfig, TrainInstructions
 from client.attacks import label_flip
 from client.malicious import AttackPlan, apply_attack, resolve_plan
-from task.datasets import ArrayDataset, load_dataset, num_classes
-from task.federated import ClientData, PartitionSpec, load_client_data
+from task.datasets import ArrayDataset, num_classes
+from task.federated import ClientData, PartitionSpec, load_client_data, training_set
 from task.models import build_model
 from task.training import evaluate as evaluate_model
 from task.training import resolve_device, train_local
@@ -65,7 +65,7 @@ def _training_set(
         return data.train
     train = data.train
     if plan.data == "full":
-        train, _ = load_dataset(run.dataset, node.data_dir or run.data_dir or None)
+        train = training_set(run.dataset, node.data_dir or run.data_dir or None)
     if plan.flips_labels:
         train = ArrayDataset(train.x, label_flip(train.y, num_classes(run.dataset)))
     return train

@@ -774,3 +774,12 @@ def test_real_fashion_mnist_from_debian() -> None:
     std = float(np.sqrt(np.dot(flat, flat) / flat.size - mean**2))  # no 376 MB temporary
     assert abs(mean) < 0.01
     assert abs(std - 1.0) < 0.01
+
+
+def test_training_set_is_loaded_once_per_process_and_shared_read_only() -> None:
+    from task.federated import training_set
+
+    a = training_set("digits")
+    assert training_set("digits") is a
+    with pytest.raises(ValueError, match="read-only"):
+        a.x[0, 0] = 1.0
