@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -399,7 +399,10 @@ def cmd_grid(args: argparse.Namespace) -> int:
         if runner is None:
             return 2
         try:
-            results = run_grid(grid, out, runner)
+            if grid.backend == "simulation":
+                results = run_grid(grid, out, batch_runner=runner)
+            else:
+                results = run_grid(grid, out, runner)
         except KeyboardInterrupt:
             print(
                 "\nbastion: interrupted; finished cells are kept (run again to resume)",
@@ -431,22 +434,32 @@ def _grid_runner(backend: str, app_dir: Path, cell_timeout: float) -> Any:
             print(f"bastion: {RAY_MISSING_MESSAGE}", file=sys.stderr)
             return None
 
-        def run_cell(overrides: dict[str, Any], cell_dir: Path, clients: int) -> int:
-            colluding = overrides.get("attack-knowledge", "collude") == "collude"
-            malicious = int(overrides.get("num-malicious", 0))
-            if colluding and malicious > 1:
-                overrides.setdefault("collusion-dir", str(cell_dir / "collusion"))
+        def run_batch(
+            batch_file: Path, batch_dir: Path, clients: int, on_cell: Callable[[dict], None]
+        ) -> int:
+            from bastion.batch import load_batch
+
+            cells = load_batch(batch_file)
+            colluders = max(
+                (
+                    int(c.get("num-malicious", 0))
+                    for c in cells
+                    if c.get("attack-knowledge", "collude") == "collude"
+                ),
+                default=0,
+            )
             res = run_simulation(
                 num_supernodes=clients,
-                run_config=overrides,
+                run_config={"batch-file": str(batch_file), "output-dir": str(batch_dir)},
                 app_dir=app_dir,
-                output_dir=cell_dir,
-                min_parallel_clients=malicious if colluding and malicious > 1 else None,
-                timeout=cell_timeout,
+                output_dir=batch_dir,
+                min_parallel_clients=colluders if colluders > 1 else None,
+                timeout=cell_timeout * len(cells),
+                on_round=on_cell,
             )
             return res.exit_code
 
-        return run_cell
+        return run_batch
 
     def run_federation_cell(overrides: dict[str, Any], cell_dir: Path, clients: int) -> int:
         args = [

@@ -157,6 +157,8 @@ class RunConfig(_FlatModel):
     output_dir: str = ""
     # checkpoint the model (and strategy state) every k rounds; 0: only after the last
     checkpoint_every: int = Field(1, ge=0, le=100_000)
+    # several runs in one Flower run (bastion.batch; used by the experiment grid)
+    batch_file: str = ""
     # Malicious clients (docs/ROBUSTNESS.md). num-malicious picks partitions by a
     # seeded rule (client.malicious.malicious_partitions); node configs with
     # role="malicious" are the other way to make a node an attacker.
@@ -225,6 +227,7 @@ class TrainInstructions(_FlatModel):
     local_steps: int = Field(ge=0)
     batch_size: int = Field(ge=1)
     round_seed: int = Field(ge=0)
+    batch_cell: int = Field(-1, ge=-1)  # the cell of a batch run (bastion.batch), or -1
 
 
 class NodeConfig(_FlatModel):

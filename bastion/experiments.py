@@ -43,11 +43,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bastion.batch import write_batch
 from bastion.config import ConfigError, RunConfig
 from bastion.runlog import read_jsonl
 
 # run(cell overrides, output dir, number of clients) -> process exit code
 CellRunner = Callable[[dict[str, Any], Path, int], int]
+# run(batch file, batch dir, number of clients, called with each finished cell's row)
+#   -> exit code; see bastion.batch
+BatchRunner = Callable[[Path, Path, int, Callable[[dict[str, Any]], None]], int]
 
 
 @dataclass(frozen=True)
@@ -162,12 +166,16 @@ def cell_done(cell_dir: Path) -> bool:
 def run_grid(
     grid: Grid,
     out: Path,
-    runner: CellRunner,
+    runner: CellRunner | None = None,
     *,
+    batch_runner: BatchRunner | None = None,
+    cells_per_batch: int = 16,
     echo: Callable[[str], None] = print,
 ) -> list[tuple[Cell, Path, bool]]:
     """Run every cell not yet done (in order), with a progress line per cell and an ETA.
 
+    With ``batch_runner``, up to ``cells_per_batch`` cells share one Flower run
+    (:mod:`bastion.batch`); otherwise ``runner`` runs each cell on its own.
     Returns ``(cell, directory, completed)`` for every cell.
     """
     cells_dir = out / "cells"
@@ -177,25 +185,61 @@ def run_grid(
         f"grid: {len(grid.cells)} cells, {len(grid.cells) - len(todo)} already done, "
         f"{len(todo)} to run ({grid.backend}, {grid.clients} clients)"
     )
-    started, results = time.monotonic(), []
-    for i, cell in enumerate(todo, 1):
+    started = time.monotonic()
+    finished = 0
+    last = [started]
+
+    def report(cell: Cell, code: int | None = None) -> None:
+        nonlocal finished
+        finished += 1
         cell_dir = cells_dir / cell.slug
-        t0 = time.monotonic()
-        code = runner(dict(cell.overrides) | {"output-dir": str(cell_dir)}, cell_dir, grid.clients)
-        took = time.monotonic() - t0
-        ok = code == 0 and cell_done(cell_dir)
+        ok = cell_done(cell_dir)
         acc = _summary(cell_dir).get("final_accuracy")
-        eta = (time.monotonic() - started) / i * (len(todo) - i)
+        now = time.monotonic()
+        eta = (now - started) / finished * (len(todo) - finished)
         what = ", ".join(f"{k}={v}" for k, v in cell.labels.items())
+        status = f"accuracy {acc:.4f}" if ok and acc is not None else "FAILED"
+        if not ok and code is not None:
+            status += f" (exit {code})"
         echo(
-            f"[{i}/{len(todo)}] {what}: "
-            + (f"accuracy {acc:.4f}" if ok and acc is not None else f"FAILED (exit {code})")
-            + f"  {took:.0f} s, ETA {eta / 60:.0f} min"
+            f"[{finished}/{len(todo)}] {what}: {status}  {now - last[0]:.0f} s, "
+            f"ETA {eta / 60:.0f} min"
         )
-    for cell in grid.cells:
-        cell_dir = cells_dir / cell.slug
-        results.append((cell, cell_dir, cell_done(cell_dir)))
-    return results
+        last[0] = now
+
+    def overrides(cell: Cell) -> dict[str, Any]:
+        values = dict(cell.overrides) | {"output-dir": str(cells_dir / cell.slug)}
+        colluding = values.get("attack-knowledge", "collude") == "collude"
+        if colluding and int(values.get("num-malicious", 0)) > 1:
+            values.setdefault("collusion-dir", str(cells_dir / cell.slug / "collusion"))
+        return values
+
+    if batch_runner is not None:
+        for start in range(0, len(todo), max(1, cells_per_batch)):
+            chunk = todo[start : start + cells_per_batch]
+            batch_dir = out / "batches" / f"batch-{chunk[0].slug}"
+            batch_file = batch_dir / "cells.json"
+            write_batch(batch_file, [overrides(c) for c in chunk])
+            seen: set[int] = set()
+
+            def on_cell(
+                row: dict[str, Any], chunk: list[Cell] = chunk, seen: set[int] = seen
+            ) -> None:
+                index = int(row.get("cell", -1))
+                if 0 <= index < len(chunk) and index not in seen:
+                    seen.add(index)
+                    report(chunk[index])
+
+            code = batch_runner(batch_file, batch_dir, grid.clients, on_cell)
+            for index, cell in enumerate(chunk):  # cells the batch never reached
+                if index not in seen:
+                    report(cell, code)
+    else:
+        assert runner is not None, "run_grid needs a runner or a batch_runner"
+        for cell in todo:
+            code = runner(overrides(cell), cells_dir / cell.slug, grid.clients)
+            report(cell, code)
+    return [(c, cells_dir / c.slug, cell_done(cells_dir / c.slug)) for c in grid.cells]
 
 
 def _summary(cell_dir: Path) -> dict[str, Any]:

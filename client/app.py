@@ -33,8 +33,14 @@ from task.training import resolve_device, train_local
 app = ClientApp()
 
 
-def _setup(context: Context) -> tuple[RunConfig, NodeConfig]:
+def _setup(context: Context, msg: Message) -> tuple[RunConfig, NodeConfig]:
     run = RunConfig.from_flat(context.run_config)
+    cell = msg.content.config_records.get("config", {}).get("batch-cell", -1)
+    if run.batch_file and isinstance(cell, int) and cell >= 0:
+        # one cell of a batch run: its own run config (see bastion.batch)
+        from bastion.batch import cell_run_config
+
+        run = RunConfig.from_flat(cell_run_config(context.run_config, run.batch_file, cell))
     node = NodeConfig.from_flat(context.node_config, source="node config")
     threads = int(os.environ.get("BASTION_TORCH_THREADS", "0") or 0)
     if threads > 0:
@@ -80,7 +86,7 @@ def _model_from(message: Message, dataset: str) -> torch.nn.Module:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this node's partition and reply with it."""
-    run, node = _setup(context)
+    run, node = _setup(context, msg)
     instr = TrainInstructions.from_flat(msg.content["config"], source="train config")
     plan = resolve_plan(run, node)
     data = _client_data(run, node)
@@ -131,7 +137,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the received global model on this node's local test split."""
-    run, node = _setup(context)
+    run, node = _setup(context, msg)
     data = _client_data(run, node)
     result = evaluate_model(
         _model_from(msg, run.dataset), data.test, device=resolve_device(run.device)

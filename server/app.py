@@ -65,13 +65,22 @@ def send_and_receive(
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Run ``num-server-rounds`` rounds of federated training and write the results."""
+    """Run ``num-server-rounds`` rounds of federated training and write the results
+    (or, with ``batch-file``, every cell of the batch one after the other)."""
     cfg = RunConfig.from_flat(context.run_config)
+    if cfg.batch_file:
+        _run_batch(grid, dict(context.run_config), cfg)
+        return
+    _run_one(grid, cfg)
+
+
+def _run_one(grid: Grid, cfg: RunConfig, batch_cell: int = -1) -> RunResults:
+    """One Bastion run; its summary says "failed" (and the error is re-raised) on failure."""
     run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir("runs", cfg.dataset)
     results = RunResults(run_dir, cfg.to_flat())
     log(INFO, "[bastion] results go to %s", results.run_dir)
     try:
-        _run(grid, cfg, results)
+        _run(grid, cfg, results, batch_cell)
     except BaseException as exc:
         results.write_summary(
             status="failed",
@@ -81,9 +90,35 @@ def main(grid: Grid, context: Context) -> None:
         )
         log(ERROR, "[bastion] run failed: %s", exc)
         raise
+    return results
 
 
-def _run(grid: Grid, cfg: RunConfig, results: RunResults) -> None:
+def _run_batch(grid: Grid, run_config: dict[str, object], cfg: RunConfig) -> None:
+    """Every cell of ``batch-file`` as a run of its own (see :mod:`bastion.batch`).
+
+    A failing cell is recorded in its own summary and the batch goes on; the batch's
+    ``output-dir`` gets one ``metrics.jsonl`` row per finished cell and a summary.
+    """
+    from bastion.batch import cell_run_config, load_batch
+
+    cells = load_batch(cfg.batch_file)
+    batch = RunResults(Path(cfg.output_dir or "runs/batch"), cfg.to_flat())
+    failed = 0
+    for i in range(len(cells)):
+        row: dict[str, object] = {"round": i + 1, "cell": i}
+        try:
+            cell_cfg = RunConfig.from_flat(cell_run_config(run_config, cfg.batch_file, i))
+            results = _run_one(grid, cell_cfg, batch_cell=i)
+            row |= {"output_dir": str(results.run_dir), "status": "completed"}
+            row["final_accuracy"] = results.rounds[-1].get("central_accuracy")
+        except Exception as exc:  # the cell's summary says why; go on with the next
+            failed += 1
+            row |= {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        batch.log_round(row | {"time": time.time()})
+    batch.write_summary(status="completed", cells=len(cells), failed_cells=failed)
+
+
+def _run(grid: Grid, cfg: RunConfig, results: RunResults, batch_cell: int = -1) -> None:
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.dataset)
@@ -123,7 +158,10 @@ def _run(grid: Grid, cfg: RunConfig, results: RunResults) -> None:
     for server_round in range(1, cfg.num_server_rounds + 1):
         round_start = time.monotonic()
         messages = strategy.configure_train(
-            server_round, arrays, ConfigRecord(cfg.train_instructions(server_round)), grid
+            server_round,
+            arrays,
+            ConfigRecord(cfg.train_instructions(server_round) | {"batch-cell": batch_cell}),
+            grid,
         )
         num_clients = max(num_clients, len(list(grid.get_node_ids())))
         replies, missing = send_and_receive(grid, messages, cfg.round_timeout)
@@ -153,7 +191,9 @@ def _run(grid: Grid, cfg: RunConfig, results: RunResults) -> None:
         if cfg.federated_eval_every and (
             server_round % cfg.federated_eval_every == 0 or server_round == cfg.num_server_rounds
         ):
-            eval_msgs = strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid)
+            eval_msgs = strategy.configure_evaluate(
+                server_round, arrays, ConfigRecord({"batch-cell": batch_cell}), grid
+            )
             eval_replies, _ = send_and_receive(grid, eval_msgs, cfg.round_timeout)
             fed = strategy.aggregate_evaluate(server_round, eval_replies)
             if fed is not None:

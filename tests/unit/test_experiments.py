@@ -127,3 +127,32 @@ def test_grid_resumes_and_reports(tmp_path: Path) -> None:
         "malicious_influence.png",
     }
     assert all((out / p).stat().st_size > 5000 for p in plots)
+
+
+def test_batched_grid_runs_each_cell_once_and_reports_each(tmp_path: Path) -> None:
+    from bastion.batch import load_batch
+
+    grid = load_grid(write(tmp_path))
+    out = tmp_path / "out"
+    batches: list[int] = []
+    calls: list[str] = []
+    single = fake_runner(calls)
+
+    def batch_runner(batch_file: Path, batch_dir: Path, clients: int, on_cell) -> int:
+        cells = load_batch(batch_file)
+        batches.append(len(cells))
+        for i, cell in enumerate(cells):
+            if i == 1 and len(batches) == 1:
+                continue  # a cell the batch "never reached"
+            single(cell, Path(cell["output-dir"]), clients)
+            on_cell({"round": i + 1, "cell": i})
+        return 0
+
+    lines: list[str] = []
+    results = run_grid(grid, out, batch_runner=batch_runner, cells_per_batch=4, echo=lines.append)
+    assert batches == [4, 4, 1]
+    assert sum(ok for *_, ok in results) == len(grid.cells) - 1
+    assert sum("FAILED" in line for line in lines) == 1
+    assert len([x for x in lines if x.startswith("[")]) == len(grid.cells)
+    results = run_grid(grid, out, batch_runner=batch_runner, echo=lines.append)
+    assert batches[-1] == 1 and all(ok for *_, ok in results)
