@@ -241,10 +241,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{cfg.num_server_rounds} rounds of {cfg.dataset}/{cfg.partitioner}; results in {run_dir}"
     )
 
-    def on_term(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, on_term)
+    previous = signal.signal(signal.SIGTERM, _term_as_interrupt)
     fed = LocalFederation(args.clients, run_dir / "logs", torch_threads=threads)
     rows: list[dict[str, Any]] = []
     started = time.monotonic()
@@ -316,6 +313,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _term_as_interrupt(signum: int, _frame: object) -> None:
+    """SIGTERM (``kill``, a container stop) takes the same clean-up path as Ctrl-C."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     """``bastion simulate``: the same app on Flower's Simulation Engine (Ray)."""
     from bastion.simulation import SimulationUnavailableError, run_simulation
@@ -351,6 +353,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print(progress_line(row, cfg.num_server_rounds), flush=True)
 
     colluders = cfg.num_malicious if cfg.attack_knowledge == "collude" else 0
+    signal.signal(signal.SIGTERM, _term_as_interrupt)
     try:
         result = run_simulation(
             num_supernodes=args.clients,
@@ -398,6 +401,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
         runner = _grid_runner(grid.backend, app_dir, args.cell_timeout)
         if runner is None:
             return 2
+        signal.signal(signal.SIGTERM, _term_as_interrupt)
         try:
             if grid.backend == "simulation":
                 results = run_grid(grid, out, batch_runner=runner)

@@ -157,6 +157,9 @@ class RunConfig(_FlatModel):
     output_dir: str = ""
     # checkpoint the model (and strategy state) every k rounds; 0: only after the last
     checkpoint_every: int = Field(1, ge=0, le=100_000)
+    # > 0: evaluate rounds before the last on a fixed random subset of this many test
+    # samples (the last round always uses the whole test set); 0: always all of it
+    central_eval_samples: int = Field(0, ge=0)
     # several runs in one Flower run (bastion.batch; used by the experiment grid)
     batch_file: str = ""
     # Malicious clients (docs/ROBUSTNESS.md). num-malicious picks partitions by a
