@@ -241,7 +241,7 @@ class Mean(Aggregator):
                 raise ValueError("mean: weights must have a positive sum")
             w = w / total
         vec = K.combine_rows(x, w)
-        if not bool(torch.isfinite(vec).all()):
+        if not K.all_finite(vec):
             bad = [i for i in K.nonfinite_rows(x) if w[i] > 0]
             if bad:
                 raise ValueError(

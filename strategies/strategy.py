@@ -38,6 +38,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from strategies._kernels import norm64
 from strategies.layout import ModelLayout
 from strategies.registry import Pipeline, build_aggregator, build_preaggregator, compose
 from strategies.validation import METRICS_KEY, RejectedReply, check_train_reply
@@ -226,7 +227,7 @@ class RobustStrategy(FedAvg):
             return None, None
         aggregate = out.vector
         summary.num_byzantine_after_preaggregation = out.num_byzantine
-        agg_norm = float(aggregate.norm(dtype=torch.float64))
+        agg_norm = norm64(aggregate)
         # Diagnostics only: a float32 matvec and the row norms measured above.
         row_norms = torch.tensor([d.update_norm for d in accepted], dtype=torch.float64)
         dots = (deltas @ aggregate.to(deltas.dtype)).double()
