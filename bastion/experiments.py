@@ -286,5 +286,40 @@ def write_tables(results: list[tuple[Cell, Path, bool]], out: Path) -> list[dict
     shown = [k for k in keys if k != "dir"]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(fmt(r.get(k)) for k in shown) + " |" for r in rows]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    (out / "results.md").write_text("\n".join(lines) + "\n" + pivot_tables(results))
     return rows
+
+
+def pivot_tables(results: list[tuple[Cell, Path, bool]]) -> str:
+    """Markdown tables of final accuracy, attacks x defences, one per partitioner
+    (main grid only; a defence is every other label, e.g. aggregator and resampling)."""
+    main = [(c, d) for c, d, _ in results if c.group == "main" and "attack" in c.labels]
+    if not main:
+        return ""
+    skip = ("attack", "partitioner", "seed")
+    out = []
+    for part in dict.fromkeys(c.labels.get("partitioner", "all") for c, _ in main):
+        cells = [(c, d) for c, d in main if c.labels.get("partitioner", "all") == part]
+        attacks = list(dict.fromkeys(c.labels["attack"] for c, _ in cells))
+        defences = list(
+            dict.fromkeys(
+                " ".join(
+                    f"{k}={v}" if k != "aggregator" else v
+                    for k, v in c.labels.items()
+                    if k not in skip
+                )
+                for c, _ in cells
+            )
+        )
+        table = {a: dict.fromkeys(defences, "–") for a in attacks}
+        for c, d in cells:
+            key = " ".join(
+                f"{k}={v}" if k != "aggregator" else v for k, v in c.labels.items() if k not in skip
+            )
+            acc = _summary(d).get("final_accuracy") if cell_done(d) else None
+            table[c.labels["attack"]][key] = f"{acc:.3f}" if acc is not None else "–"
+        out.append(f"\n### Final accuracy, partitioner = {part}\n")
+        out.append("| attack | " + " | ".join(defences) + " |")
+        out.append("|---|" + "---|" * len(defences))
+        out += [f"| {a} | " + " | ".join(table[a].values()) + " |" for a in attacks]
+    return "\n".join(out) + "\n"

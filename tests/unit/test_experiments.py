@@ -116,7 +116,12 @@ def test_grid_resumes_and_reports(tmp_path: Path) -> None:
     assert all(
         float(r["final_accuracy"]) == pytest.approx(0.7) for r in table if r["attack"] == "none"
     )
-    assert (out / "results.md").read_text().count("\n") == len(grid.cells) + 2
+    md = (out / "results.md").read_text()
+    assert md.split("\n### ")[0].count("\n") == len(grid.cells) + 2
+    # pivots: attacks x defences per partitioner (fake runner: 0.7 clean, 0.1 under ipm)
+    pivot = md.split("### Final accuracy, partitioner = iid\n")[1].split("###")[0]
+    assert "| attack | mean | krum |" in pivot
+    assert "| none | 0.700 | 0.700 |" in pivot and "| ipm 0.1 | 0.100 | 0.100 |" in pivot
 
     plots = {p.name for p in plot_grid(results, out)}
     assert plots == {
