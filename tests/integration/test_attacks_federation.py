@@ -114,3 +114,29 @@ def _model_dim(run_dir: Path) -> int:
 
     ckpt = torch.load(run_dir / "checkpoints" / "round-0001.pt", weights_only=False)
     return sum(int(v.numel()) for v in ckpt["model"].values())
+
+
+def test_omniscient_attackers_are_refused_on_a_real_federation(tmp_path, bastion_env):
+    env, tag = bastion_env
+    from tests.integration.conftest import run_bastion
+
+    out = tmp_path / "run"
+    res = run_bastion(
+        [
+            "--clients",
+            "3",
+            "--malicious",
+            "1",
+            "--attack",
+            "ipm",
+            "--output-dir",
+            str(out),
+            "--run-config",
+            'attack-knowledge="omniscient"',
+        ],
+        env,
+        timeout=120,
+    )
+    assert res.returncode == 2
+    assert "simulation-only research mode" in res.stderr and "attack-knowledge" in res.stderr
+    assert not (out / "logs").exists() and tagged_processes(tag) == []
