@@ -10,7 +10,11 @@ Reply contract (what :mod:`strategies` validates): a ``train`` reply holds one
 ``ArrayRecord`` ``"arrays"`` with the full updated model (same keys, shapes and
 dtypes as the global model it received) and one ``MetricRecord`` ``"metrics"``
 with ``num-examples``, ``train-loss``, ``train-seconds``, ``steps`` and
-``partition-id``.
+``partition-id``. A node training with differential privacy (:mod:`client.privacy`)
+adds ``dp-epsilon`` (spent over the whole run so far), ``dp-delta``,
+``dp-noise-multiplier``, ``dp-sample-rate`` and ``dp-rounds``, and leaves out
+``train-loss`` (a statistic of its training data that DP-SGD does not protect); a
+node whose privacy budget is spent replies with an error message instead.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from flwr.clientapp import ClientApp
 from bastion.config import NodeConfig, RunConfig, TrainInstructions
 from client.attacks import label_flip
 from client.malicious import AttackPlan, apply_attack, resolve_plan
+from client.privacy import PrivateRound, budget_error_reply, resolve_dp
 from task.datasets import ArrayDataset, num_classes
 from task.federated import ClientData, PartitionSpec, load_client_data, training_set
 from task.models import build_model
@@ -92,18 +97,29 @@ def train(msg: Message, context: Context) -> Message:
     data = _client_data(run, node)
     device = resolve_device(run.device)
     model = _model_from(msg, run.dataset)
-    result = train_local(
-        model,
-        _training_set(run, node, plan, data),
-        lr=instr.lr,
-        momentum=instr.momentum,
-        weight_decay=instr.weight_decay,
-        epochs=instr.local_epochs,
-        steps=instr.local_steps,
-        batch_size=instr.batch_size,
-        seed=instr.round_seed + node.partition_id,
-        device=device,
-    )
+    train_set = _training_set(run, node, plan, data)
+    dp = resolve_dp(run, node)
+    private: PrivateRound | None = None
+    if dp is not None:  # DP-SGD, accounted over the whole run (client.privacy)
+        private = PrivateRound.for_node(
+            dp, node, instr, run_id=context.run_id, num_examples=len(train_set), run=run
+        )
+        if private.refusal is not None:
+            return budget_error_reply(msg, private.refusal)
+        result = private.train(model, train_set, instr, device=device)
+    else:
+        result = train_local(
+            model,
+            train_set,
+            lr=instr.lr,
+            momentum=instr.momentum,
+            weight_decay=instr.weight_decay,
+            epochs=instr.local_epochs,
+            steps=instr.local_steps,
+            batch_size=instr.batch_size,
+            seed=instr.round_seed + node.partition_id,
+            device=device,
+        )
     values: dict[str, int | float] = {
         "num-examples": result.num_examples,
         "train-loss": result.mean_loss,
@@ -111,6 +127,9 @@ def train(msg: Message, context: Context) -> Message:
         "steps": result.steps,
         "partition-id": node.partition_id,
     }
+    if private is not None:
+        del values["train-loss"]
+        values |= private.metrics()
     state = model.to("cpu").state_dict()
     if plan is not None:
         state, crafted = apply_attack(

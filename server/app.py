@@ -212,6 +212,8 @@ def _run(grid: Grid, cfg: RunConfig, results: RunResults, batch_cell: int = -1) 
                 row["federated_accuracy"] = fed["eval-accuracy"]
                 row["federated_loss"] = fed["eval-loss"]
         slowest = summary.slowest_train_seconds
+        # DP: the largest whole-run epsilon any replying node reports (client.privacy)
+        epsilons = [d.dp_epsilon for d in summary.nodes if d.dp_epsilon is not None]
         row |= {
             "train_loss": summary.train_loss,
             "num_replies": summary.num_replies,
@@ -221,6 +223,7 @@ def _run(grid: Grid, cfg: RunConfig, results: RunResults, batch_cell: int = -1) 
             "aggregation_error": summary.aggregation_error,
             "num_malicious_accepted": summary.num_malicious_accepted,
             "malicious_influence": summary.malicious_influence,
+            "max_dp_epsilon": max(epsilons) if epsilons else None,
             "round_seconds": round_seconds,
             "slowest_train_seconds": slowest,
             "overhead_seconds": None if slowest is None else round_seconds - slowest,
@@ -253,6 +256,11 @@ def _run(grid: Grid, cfg: RunConfig, results: RunResults, batch_cell: int = -1) 
         aggregator=cfg.aggregator,
         num_clients=num_clients,
         seed=cfg.seed,
+        **(
+            {"max_epsilon": results.max_epsilon(), "dp_delta": cfg.dp_delta}
+            if cfg.dp or results.max_epsilon() is not None
+            else {}
+        ),
     )
     log(
         INFO,

@@ -7,6 +7,7 @@ Layout of ``<run-dir>``::
     diagnostics.jsonl    one JSON object per node per round (accepted/rejected, why, ...)
     checkpoints/round-NNNN.pt   global model state_dict after each round
     accuracy_loss.png    central accuracy and loss over rounds
+    privacy_epsilon.png  with DP: epsilon spent over rounds (max and per node)
     summary.json         final numbers (written at the end, also on failure)
 
 Every file is appended or replaced atomically, so an interrupted run leaves
@@ -61,6 +62,8 @@ class RunResults:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "checkpoints").mkdir(exist_ok=True)
         self.rounds: list[dict[str, Any]] = []
+        # (round, node label, epsilon) of every node that reported its DP epsilon
+        self.node_epsilons: list[tuple[int, str, float]] = []
         self.started = time.time()
         _write_atomic(self.run_dir / "config.json", json.dumps(dict(config), indent=2).encode())
 
@@ -71,12 +74,18 @@ class RunResults:
         with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
         self.plot()
+        self.plot_privacy()
 
     def log_nodes(self, rows: Iterable[Mapping[str, Any]]) -> None:
         """Append per-node diagnostics to ``diagnostics.jsonl``."""
         with open(self.run_dir / "diagnostics.jsonl", "a", encoding="utf-8") as fh:
             for row in rows:
-                fh.write(json.dumps(_clean(dict(row))) + "\n")
+                row = _clean(dict(row))
+                fh.write(json.dumps(row) + "\n")
+                if row.get("dp_epsilon") is not None and row.get("round") is not None:
+                    who = row.get("partition_id")
+                    label = f"partition {who}" if who is not None else f"node {row.get('node_id')}"
+                    self.node_epsilons.append((int(row["round"]), label, float(row["dp_epsilon"])))
 
     def checkpoint(
         self,
@@ -137,8 +146,68 @@ class RunResults:
         os.replace(tmp, path)
         return path
 
+    def max_epsilon(self) -> float | None:
+        """The largest DP epsilon any node reported in any round (``max_dp_epsilon``), or None."""
+        values = [r["max_dp_epsilon"] for r in self.rounds if r.get("max_dp_epsilon") is not None]
+        return max(values) if values else None
+
+    def plot_privacy(self) -> Path | None:
+        """Draw the epsilon spent over rounds into ``privacy_epsilon.png``.
+
+        The largest epsilon of any node per round, and each node's own curve (epsilon
+        of the whole run so far, RDP accounting: Mironov, 2017). Nothing is drawn
+        before some node reported an epsilon.
+        """
+        rows = [r for r in self.rounds if r.get("max_dp_epsilon") is not None]
+        if not rows and not self.node_epsilons:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        curves: dict[str, list[tuple[int, float]]] = {}
+        for rnd, label, eps in self.node_epsilons:
+            curves.setdefault(label, []).append((rnd, eps))
+        many = len(curves) > 10  # then one gray curve per node and one legend entry
+        for i, (label, points) in enumerate(sorted(curves.items())):
+            ax.plot(
+                *zip(*sorted(points), strict=True),
+                ".-",
+                color="tab:gray" if many else f"C{i % 10}",
+                alpha=0.35 if many else 0.8,
+                linewidth=1,
+                label=("per node" if i == 0 else None) if many else label,
+            )
+        if rows:
+            ax.plot(
+                [r["round"] for r in rows],
+                [r["max_dp_epsilon"] for r in rows],
+                "o--",
+                color="black",
+                label="max over nodes",
+            )
+        ax.set(xlabel="round", ylabel="epsilon (whole run so far)", title="Privacy spent")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        fig.tight_layout()
+        path = self.run_dir / "privacy_epsilon.png"
+        tmp = path.with_name(".privacy_epsilon.tmp.png")
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, path)
+        return path
+
     def write_summary(self, **fields: Any) -> dict[str, Any]:
-        """Write ``summary.json`` from the rounds so far plus ``fields``; return it."""
+        """Write ``summary.json`` from the rounds so far plus ``fields``; return it.
+
+        When some node reported a DP epsilon, ``max_epsilon`` (the largest over nodes
+        and rounds) is included unless ``fields`` sets it.
+        """
         evaluated = [r for r in self.rounds if r.get("central_accuracy") is not None]
         last = evaluated[-1] if evaluated else {}
         summary = {
@@ -149,6 +218,9 @@ class RunResults:
             "rounds": max((r["round"] for r in self.rounds), default=0),
             "wall_seconds": round(time.time() - self.started, 3),
             "run_dir": str(self.run_dir),
-        } | fields
+        }
+        if (eps := self.max_epsilon()) is not None:
+            summary["max_epsilon"] = eps
+        summary |= fields
         _write_atomic(self.run_dir / "summary.json", json.dumps(_clean(summary), indent=2).encode())
         return summary

@@ -64,6 +64,9 @@ class NodeDiagnostics:
     # ground truth a Bastion attacker declares for experiments (metric "malicious");
     # recorded here, never used by the aggregation
     malicious: bool = False
+    # epsilon the node reports having spent over the whole run so far (metric
+    # "dp-epsilon", client.privacy; RDP accounting, Mironov 2017); None without DP
+    dp_epsilon: float | None = None
 
     def to_json(self) -> dict[str, object]:
         """A JSON-ready dict (NaN becomes None)."""
@@ -190,6 +193,7 @@ class RobustStrategy(FedAvg):
             diag.train_loss = _float_or_none(metrics.get("train-loss"))
             diag.train_seconds = _float_or_none(metrics.get("train-seconds"))
             diag.malicious = metrics.get("malicious") == 1
+            diag.dp_epsilon = _float_or_none(metrics.get("dp-epsilon"))
             decoded.append(diag)
 
         # One pass over the decoded rows: their norms, which are also the finiteness
