@@ -259,6 +259,18 @@ class TrainInstructions(_FlatModel):
     round_seed: int = Field(ge=0)
     batch_cell: int = Field(-1, ge=-1)  # the cell of a batch run (bastion.batch), or -1
 
+    def sgd_params(self) -> dict[str, int | float]:
+        """The keyword arguments of ``task.training.train_local`` (and its DP twin)
+        that come from these instructions."""
+        return {
+            "lr": self.lr,
+            "momentum": self.momentum,
+            "weight_decay": self.weight_decay,
+            "epochs": self.local_epochs,
+            "steps": self.local_steps,
+            "batch_size": self.batch_size,
+        }
+
 
 class NodeConfig(_FlatModel):
     """A SuperNode's own settings (``flower-supernode --node-config``).

@@ -111,12 +111,7 @@ def train(msg: Message, context: Context) -> Message:
         result = train_local(
             model,
             train_set,
-            lr=instr.lr,
-            momentum=instr.momentum,
-            weight_decay=instr.weight_decay,
-            epochs=instr.local_epochs,
-            steps=instr.local_steps,
-            batch_size=instr.batch_size,
+            **instr.sgd_params(),  # type: ignore[arg-type]
             seed=instr.round_seed + node.partition_id,
             device=device,
         )

@@ -438,12 +438,7 @@ class PrivateRound:
         result = train_local_dp(
             model,
             data,
-            lr=instr.lr,
-            momentum=instr.momentum,
-            weight_decay=instr.weight_decay,
-            epochs=instr.local_epochs,
-            steps=self.steps,
-            batch_size=instr.batch_size,
+            **(instr.sgd_params() | {"steps": self.steps}),  # type: ignore[arg-type]
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.dp.max_grad_norm,
             grad_sample_mode=self.dp.grad_sample_mode,
