@@ -589,6 +589,10 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``bastion`` console script."""
+    # Ctrl-C (SIGINT) must stop a run cleanly even when the shell that started us
+    # ignores it (background jobs of non-interactive shells inherit SIG_IGN, and
+    # Python then never raises KeyboardInterrupt).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     args = make_parser().parse_args(argv)
     return int(args.func(args))
 

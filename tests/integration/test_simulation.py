@@ -125,8 +125,11 @@ def test_six_virtual_supernodes_train_digits_and_nothing_is_left_running(tmp_pat
 def test_interrupt_stops_ray_and_every_flower_process(tmp_path, bastion_env):
     env, tag = bastion_env
     code = (
+        "import signal\n"
         "from pathlib import Path\n"
         "from bastion.simulation import run_simulation\n"
+        # a caller where Ctrl-C works (a shell's background job would inherit SIG_IGN)
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "run_simulation(num_supernodes=4, run_config={'num-server-rounds': 1000, "
         f"'local-steps': 5}}, output_dir=Path({str(tmp_path / 'run')!r}), timeout=600)\n"
     )
