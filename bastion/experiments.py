@@ -263,6 +263,7 @@ def cell_row(cell: Cell, cell_dir: Path) -> dict[str, Any]:
         "rounds": len(rows),
         "mean_malicious_influence": sum(infl) / len(infl) if infl else None,
         "skipped_aggregations": sum(1 for r in rows if r.get("aggregation_error")),
+        "max_epsilon": summary.get("max_epsilon"),
         "dir": cell_dir.name,
     }
 
