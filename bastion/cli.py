@@ -422,11 +422,14 @@ def cmd_grid(args: argparse.Namespace) -> int:
     rows = write_tables(results, out)
     plots = plot_grid(results, out)
     done = sum(ok for _, _, ok in results)
+    infeasible = sum(bool(c.infeasible) for c, _, _ in results)
     print(
-        f"grid: {done}/{len(results)} cells completed; table {out / 'results.md'} "
+        f"grid: {done}/{len(results) - infeasible} cells completed"
+        + (f" ({infeasible} infeasible, not run)" if infeasible else "")
+        + f"; table {out / 'results.md'} "
         f"({len(rows)} rows), plots: {', '.join(p.name for p in plots) or 'none'}"
     )
-    return 0 if done == len(results) else 1
+    return 0 if done + infeasible == len(results) else 1
 
 
 def _grid_runner(backend: str, app_dir: Path, cell_timeout: float) -> Any:

@@ -61,6 +61,8 @@ class Cell:
     labels: dict[str, str]
     overrides: dict[str, Any]
     group: str = "main"  # "main" or the sweep's name
+    # why the cell's rule cannot run with this many clients (then it is not run)
+    infeasible: str = ""
 
     @property
     def slug(self) -> str:
@@ -113,7 +115,10 @@ def _product(axes: Mapping[str, Any]) -> Iterable[tuple[dict[str, str], dict[str
 
 
 def load_grid(path: str | Path) -> Grid:
-    """Parse and validate a grid file; every cell's run config is checked up front."""
+    """Parse and validate a grid file; every cell's run config is checked up front,
+    and cells whose rule cannot run with the grid's clients are marked infeasible."""
+    from bastion.cli import check_rule_fits
+
     data = tomllib.loads(Path(path).read_text())
     head = data.get("grid", {})
     clients = int(head.get("clients", 25))
@@ -142,10 +147,13 @@ def load_grid(path: str | Path) -> Grid:
             full.setdefault("min-available-nodes", clients)
             full.setdefault("min-train-nodes", clients)
             try:
-                RunConfig.from_flat(full)
+                cfg = RunConfig.from_flat(full)
             except ConfigError as exc:
                 raise ConfigError(f"grid cell {labels} ({group}): {exc}") from None
-            cell = Cell(labels | {k: str(v) for k, v in fixed.items()}, full, group)
+            # e.g. Bulyan after s = 2 resampling needs n >= 4 (2f) + 3: such a cell would
+            # only log "aggregation skipped" every round, so it is listed, not run
+            problem = check_rule_fits(cfg, clients) or ""
+            cell = Cell(labels | {k: str(v) for k, v in fixed.items()}, full, group, problem)
             key = json.dumps(full, sort_keys=True)
             if key not in seen:  # a sweep may repeat a main cell: run (and list) it once
                 seen.add(key)
@@ -180,11 +188,15 @@ def run_grid(
     """
     cells_dir = out / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
-    todo = [c for c in grid.cells if not cell_done(cells_dir / c.slug)]
+    feasible = [c for c in grid.cells if not c.infeasible]
+    todo = [c for c in feasible if not cell_done(cells_dir / c.slug)]
     echo(
-        f"grid: {len(grid.cells)} cells, {len(grid.cells) - len(todo)} already done, "
+        f"grid: {len(grid.cells)} cells, {len(feasible) - len(todo)} already done, "
         f"{len(todo)} to run ({grid.backend}, {grid.clients} clients)"
     )
+    for reason in dict.fromkeys(c.infeasible for c in grid.cells if c.infeasible):
+        count = sum(c.infeasible == reason for c in grid.cells)
+        echo(f"grid: {count} cell(s) not run: {reason}")
     started = time.monotonic()
     finished = 0
     last = [started]
@@ -257,13 +269,14 @@ def cell_row(cell: Cell, cell_dir: Path) -> dict[str, Any]:
     return {
         "group": cell.group,
         **cell.labels,
-        "status": summary.get("status", "missing"),
+        "status": "infeasible" if cell.infeasible else summary.get("status", "missing"),
         "final_accuracy": summary.get("final_accuracy"),
         "best_accuracy": max((r.get("central_accuracy", 0.0) for r in rows), default=None),
         "rounds": len(rows),
         "mean_malicious_influence": sum(infl) / len(infl) if infl else None,
         "skipped_aggregations": sum(1 for r in rows if r.get("aggregation_error")),
         "max_epsilon": summary.get("max_epsilon"),
+        "note": cell.infeasible,
         "dir": cell_dir.name,
     }
 

@@ -161,3 +161,26 @@ def test_batched_grid_runs_each_cell_once_and_reports_each(tmp_path: Path) -> No
     assert len([x for x in lines if x.startswith("[")]) == len(grid.cells)
     results = run_grid(grid, out, batch_runner=batch_runner, echo=lines.append)
     assert batches[-1] == 1 and all(ok for *_, ok in results)
+
+
+def test_cells_whose_rule_cannot_run_are_listed_not_run(tmp_path: Path) -> None:
+    text = GRID.replace('aggregator = ["mean", "krum"]', 'aggregator = ["mean", "bulyan"]')
+    text = text.replace("malicious = 1", "malicious = 1\n").replace(
+        "num-server-rounds = 2", "num-server-rounds = 2\nnum-byzantine = 1\nresampling-s = 2"
+    )
+    grid = load_grid(write(tmp_path, text))
+    bad = [c for c in grid.cells if c.infeasible]
+    main = [c for c in grid.cells if c.group == "main"]
+    # after s = 2 resampling the rules see f = 2: Bulyan needs n >= 11 (and the sweep's
+    # Krum n >= 7), the grid has 6 clients; the mean runs
+    assert {c.labels["aggregator"] for c in main if c.infeasible} == {"bulyan"}
+    assert all("n >= 4f + 3" in c.infeasible for c in main if c.infeasible)
+    assert all("n >= 2f + 3" in c.infeasible for c in grid.cells if c.group != "main")
+    calls: list[str] = []
+    lines: list[str] = []
+    results = run_grid(grid, tmp_path / "out", fake_runner(calls), echo=lines.append)
+    assert not {c.slug for c in bad} & set(calls)
+    assert any("not run" in line and "4f + 3" in line for line in lines)
+    rows = write_tables(results, tmp_path / "out")
+    assert {r["status"] for r in rows if r.get("aggregator") == "bulyan"} == {"infeasible"}
+    assert {r["status"] for r in rows if r.get("aggregator") == "mean"} == {"completed"}
