@@ -189,15 +189,10 @@ def _tail(path: Path, lines: int = 25) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``bastion run``: local federation, live progress, final table, clean shutdown."""
-    if args.clients < 2:
-        print("bastion: --clients must be at least 2", file=sys.stderr)
+    checked = _checked_run_config(args)
+    if checked is None:
         return 2
-    app_dir = find_app_dir(args.app)
-    try:
-        cfg, overrides = build_run_config(args, app_dir)
-    except ConfigError as exc:
-        print(f"bastion: invalid configuration:\n{exc}", file=sys.stderr)
-        return 2
+    app_dir, cfg, overrides = checked
     # Load (and, when online, download) the data once here: a missing dataset fails
     # before any process starts, and the clients then read it from the shared cache
     # instead of downloading it N times at once.
@@ -215,12 +210,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    if cfg.num_malicious > args.clients:
-        print(
-            f"bastion: --malicious {cfg.num_malicious} is more than --clients {args.clients}",
-            file=sys.stderr,
-        )
-        return 2
     if cfg.attack_knowledge == "omniscient":
         print(
             "bastion: attack-knowledge='omniscient' is a simulation-only research mode (the "
@@ -228,10 +217,6 @@ def cmd_run(args: argparse.Namespace) -> int:
             "give them); use `bastion simulate`, or attack-knowledge='collude' or 'own' here",
             file=sys.stderr,
         )
-        return 2
-    problem = check_rule_fits(cfg, args.clients)
-    if problem:
-        print(f"bastion: {problem}", file=sys.stderr)
         return 2
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -313,6 +298,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checked_run_config(
+    args: argparse.Namespace,
+) -> tuple[Path, RunConfig, dict[str, Any]] | None:
+    """The app directory, validated run config and overrides of ``run``/``simulate``,
+    or ``None`` after printing why they cannot run (client count, a config error,
+    more attackers than clients, a rule that cannot aggregate that many replies)."""
+    if args.clients < 2:
+        print("bastion: --clients must be at least 2", file=sys.stderr)
+        return None
+    app_dir = find_app_dir(args.app)
+    try:
+        cfg, overrides = build_run_config(args, app_dir)
+    except ConfigError as exc:
+        print(f"bastion: invalid configuration:\n{exc}", file=sys.stderr)
+        return None
+    if cfg.num_malicious > args.clients:
+        print(
+            f"bastion: --malicious {cfg.num_malicious} is more than --clients {args.clients}",
+            file=sys.stderr,
+        )
+        return None
+    problem = check_rule_fits(cfg, args.clients)
+    if problem:
+        print(f"bastion: {problem}", file=sys.stderr)
+        return None
+    return app_dir, cfg, overrides
+
+
 def _term_as_interrupt(signum: int, _frame: object) -> None:
     """SIGTERM (``kill``, a container stop) takes the same clean-up path as Ctrl-C."""
     raise KeyboardInterrupt(f"signal {signum}")
@@ -322,25 +335,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     """``bastion simulate``: the same app on Flower's Simulation Engine (Ray)."""
     from bastion.simulation import SimulationUnavailableError, run_simulation
 
-    if args.clients < 2:
-        print("bastion: --clients must be at least 2", file=sys.stderr)
+    checked = _checked_run_config(args)
+    if checked is None:
         return 2
-    app_dir = find_app_dir(args.app)
-    try:
-        cfg, overrides = build_run_config(args, app_dir)
-    except ConfigError as exc:
-        print(f"bastion: invalid configuration:\n{exc}", file=sys.stderr)
-        return 2
-    if cfg.num_malicious > args.clients:
-        print(
-            f"bastion: --malicious {cfg.num_malicious} is more than --clients {args.clients}",
-            file=sys.stderr,
-        )
-        return 2
-    problem = check_rule_fits(cfg, args.clients)
-    if problem:
-        print(f"bastion: {problem}", file=sys.stderr)
-        return 2
+    app_dir, cfg, overrides = checked
     print(
         f"bastion: {args.clients} virtual SuperNodes on Flower's Simulation Engine, "
         f"{cfg.num_server_rounds} rounds of {cfg.dataset}/{cfg.partitioner}; "
