@@ -331,8 +331,10 @@ def pivot_tables(results: list[tuple[Cell, Path, bool]]) -> str:
                 f"{k}={v}" if k != "aggregator" else v for k, v in c.labels.items() if k not in skip
             )
             acc = _summary(d).get("final_accuracy") if cell_done(d) else None
-            table[c.labels["attack"]][key] = f"{acc:.3f}" if acc is not None else "–"
+            shown = f"{acc:.3f}" if acc is not None else "–"
+            table[c.labels["attack"]][key] = "n/a" if c.infeasible else shown
         out.append(f"\n### Final accuracy, partitioner = {part}\n")
+        out.append("(– not run yet; n/a: the rule cannot run with this many clients)\n")
         out.append("| attack | " + " | ".join(defences) + " |")
         out.append("|---|" + "---|" * len(defences))
         out += [f"| {a} | " + " | ".join(table[a].values()) + " |" for a in attacks]
