@@ -36,6 +36,7 @@ import csv
 import hashlib
 import itertools
 import json
+import shutil
 import time
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
@@ -220,6 +221,9 @@ def run_grid(
         last[0] = now
 
     def overrides(cell: Cell) -> dict[str, Any]:
+        # An unfinished cell starts over: its run would append to the interrupted
+        # run's metrics.jsonl and diagnostics.jsonl and mix the two.
+        shutil.rmtree(cells_dir / cell.slug, ignore_errors=True)
         values = dict(cell.overrides) | {"output-dir": str(cells_dir / cell.slug)}
         colluding = values.get("attack-knowledge", "collude") == "collude"
         if colluding and int(values.get("num-malicious", 0)) > 1:

@@ -102,8 +102,11 @@ def test_grid_resumes_and_reports(tmp_path: Path) -> None:
     assert sum(ok for *_, ok in results) == len(grid.cells) - 1
     assert any("FAILED" in line for line in lines) and "ETA" in lines[-1]
     calls.clear()
+    stale = out / "cells" / grid.cells[3].slug / "diagnostics-extra.jsonl"
+    stale.write_text("left by the interrupted run\n")
     results = run_grid(grid, out, fake_runner(calls), echo=lines.append)
-    assert calls == [grid.cells[3].slug]  # only the failed cell runs again
+    assert calls == [grid.cells[3].slug]  # only the failed cell runs again,
+    assert not stale.exists()  # from an empty folder
     assert all(ok for *_, ok in results)
     assert cell_done(out / "cells" / grid.cells[0].slug)
 
