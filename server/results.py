@@ -54,12 +54,46 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+# What a run writes into its folder (logs/ belongs to the launcher and is kept).
+_RUN_FILES = (
+    "config.json",
+    "metrics.jsonl",
+    "diagnostics.jsonl",
+    "summary.json",
+    "accuracy_loss.png",
+    "privacy_epsilon.png",
+    "checkpoints",
+)
+
+
+def _set_aside_previous_run(run_dir: Path) -> Path | None:
+    """Move an earlier run's files out of the way (into ``previous-<UTC time>/``).
+
+    Appending a new run to an old ``metrics.jsonl`` would mix the two, and deleting
+    it would lose results; returns the folder the old files went to, if any.
+    """
+    if not any((run_dir / name).exists() for name in ("metrics.jsonl", "summary.json")):
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    target = run_dir / f"previous-{stamp}"
+    suffix = 1
+    while target.exists():
+        suffix += 1
+        target = run_dir / f"previous-{stamp}-{suffix}"
+    target.mkdir()
+    for name in _RUN_FILES:
+        if (run_dir / name).exists():
+            os.replace(run_dir / name, target / name)
+    return target
+
+
 class RunResults:
     """Writes one run's results into ``run_dir`` as the rounds go."""
 
     def __init__(self, run_dir: str | Path, config: Mapping[str, Any]) -> None:
         self.run_dir = Path(run_dir).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.moved_previous = _set_aside_previous_run(self.run_dir)
         (self.run_dir / "checkpoints").mkdir(exist_ok=True)
         self.rounds: list[dict[str, Any]] = []
         # (round, node label, epsilon) of every node that reported its DP epsilon

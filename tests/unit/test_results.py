@@ -86,3 +86,20 @@ def test_rule_that_cannot_run_on_the_client_count_is_reported_up_front() -> None
     assert check_rule_fits(cfg, 11) is None
     assert check_rule_fits(RunConfig(aggregator="bulyan", num_byzantine=1), 7) is None
     assert "bulyan" in check_rule_fits(RunConfig(aggregator="bulyan", num_byzantine=1), 6)
+
+
+def test_a_new_run_in_an_old_run_folder_sets_the_old_one_aside(tmp_path) -> None:
+    first = RunResults(tmp_path, {"seed": 1})
+    first.log_round({"round": 0, "central_accuracy": 0.1, "central_loss": 2.0})
+    first.write_summary(status="completed")
+    (tmp_path / "logs").mkdir()
+    second = RunResults(tmp_path, {"seed": 2})
+    second.log_round({"round": 0, "central_accuracy": 0.5, "central_loss": 1.0})
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [{"round": 0, "central_accuracy": 0.5, "central_loss": 1.0}]  # not mixed
+    old = second.moved_previous
+    assert old is not None and old.parent == tmp_path and old.name.startswith("previous-")
+    assert json.loads((old / "metrics.jsonl").read_text())["central_accuracy"] == 0.1
+    assert json.loads((old / "summary.json").read_text())["status"] == "completed"
+    assert (tmp_path / "logs").is_dir()  # the launcher's logs stay where they are
+    assert RunResults(tmp_path / "fresh", {}).moved_previous is None
