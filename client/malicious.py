@@ -27,7 +27,7 @@ strategy never reads it (only the diagnostics record it).
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -97,19 +97,7 @@ def resolve_plan(run: RunConfig, node: NodeConfig) -> AttackPlan | None:
             f"run config key 'attack' to one of {[*UPDATE_ATTACKS, 'label-flip']}"
         )
     colluders = node.num_colluders or max(run.num_malicious, 1)
-    params: dict[str, Any] = {}
-    if attack == "ipm":
-        params["epsilon"] = pick("attack_epsilon")
-    elif attack == "alie":
-        z = pick("attack_z")
-        # attack-z = 0 (the default) means Baruch et al.'s z_max for this n and f
-        params["z"] = z if z != 0 else alie_z_max(node.num_partitions, colluders)
-    elif attack == "gaussian":
-        params["sigma"] = pick("attack_sigma")
-    elif attack == "mimic":
-        params["target"] = pick("attack_target")
-    elif attack == "scaling":
-        params["scale"] = pick("attack_scale")
+    params = attack_params(attack, pick, num_clients=node.num_partitions, num_byzantine=colluders)
     plan = AttackPlan(
         attack=attack,
         params=params,
@@ -131,6 +119,30 @@ def resolve_plan(run: RunConfig, node: NodeConfig) -> AttackPlan | None:
             "(bastion run and bastion simulate set one), or attack-knowledge='own'"
         )
     return plan
+
+
+def attack_params(
+    attack: str, value: Callable[[str], Any], *, num_clients: int, num_byzantine: int
+) -> dict[str, Any]:
+    """``build_attack``'s parameters for ``attack`` from the config keys ``attack-*``.
+
+    ``value(field)`` reads a :class:`~bastion.config.RunConfig` field (node config
+    over run config for a deployed node). ``attack-z = 0`` (the default) means
+    Baruch et al.'s z_max for ``num_clients`` and ``num_byzantine``. Gaussian's seed
+    is per round and added by the caller.
+    """
+    if attack == "ipm":
+        return {"epsilon": value("attack_epsilon")}
+    if attack == "alie":
+        z = value("attack_z")
+        return {"z": z if z != 0 else alie_z_max(num_clients, num_byzantine)}
+    if attack == "gaussian":
+        return {"sigma": value("attack_sigma")}
+    if attack == "mimic":
+        return {"target": value("attack_target")}
+    if attack == "scaling":
+        return {"scale": value("attack_scale")}
+    return {}
 
 
 @dataclass(frozen=True)

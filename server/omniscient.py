@@ -21,7 +21,8 @@ from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 
 from bastion.config import RunConfig
-from client.attacks import alie_z_max, build_attack
+from client.attacks import build_attack
+from client.malicious import attack_params
 from strategies.layout import ModelLayout
 from strategies.validation import METRICS_KEY, RejectedReply, check_train_reply
 
@@ -55,19 +56,15 @@ class OmniscientAdversary:
         self.cfg = cfg
 
     def _params(self, num_replies: int, num_malicious: int, round_seed: int) -> dict[str, Any]:
-        cfg = self.cfg
-        if cfg.attack == "ipm":
-            return {"epsilon": cfg.attack_epsilon}
-        if cfg.attack == "alie":
-            z = cfg.attack_z or alie_z_max(num_replies, max(num_malicious, 1))
-            return {"z": z}
-        if cfg.attack == "gaussian":
-            return {"sigma": cfg.attack_sigma, "seed": round_seed}
-        if cfg.attack == "mimic":
-            return {"target": cfg.attack_target}
-        if cfg.attack == "scaling":
-            return {"scale": cfg.attack_scale}
-        return {}
+        params = attack_params(
+            self.cfg.attack,
+            lambda field: getattr(self.cfg, field),
+            num_clients=num_replies,
+            num_byzantine=max(num_malicious, 1),
+        )
+        if self.cfg.attack == "gaussian":
+            params["seed"] = round_seed  # the same noise for every attacker of a round
+        return params
 
     def tamper(self, replies: list[Message], global_arrays: ArrayRecord, round_seed: int) -> int:
         """Rewrite, in place, the update of every well-formed reply flagged malicious.
