@@ -166,10 +166,7 @@ def load_grid(path: str | Path) -> Grid:
 
 def cell_done(cell_dir: Path) -> bool:
     """A cell is done when its summary says the run completed."""
-    try:
-        return json.loads((cell_dir / "summary.json").read_text()).get("status") == "completed"
-    except (OSError, ValueError):
-        return False
+    return _summary(cell_dir).get("status") == "completed"
 
 
 def run_grid(

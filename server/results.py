@@ -87,6 +87,18 @@ def _set_aside_previous_run(run_dir: Path) -> Path | None:
     return target
 
 
+def _save_figure(fig: Any, path: Path) -> Path:
+    """Lay out, save (atomically: a reader never sees half a PNG) and close ``fig``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
 class RunResults:
     """Writes one run's results into ``run_dir`` as the rounds go."""
 
@@ -172,13 +184,7 @@ class RunResults:
         ax_loss.legend()
         for ax in (ax_acc, ax_loss):
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
-        fig.tight_layout()
-        path = self.run_dir / "accuracy_loss.png"
-        tmp = path.with_name(".accuracy_loss.tmp.png")
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        os.replace(tmp, path)
-        return path
+        return _save_figure(fig, self.run_dir / "accuracy_loss.png")
 
     def max_epsilon(self) -> float | None:
         """The largest DP epsilon any node reported in any round (``max_dp_epsilon``), or None."""
@@ -228,13 +234,7 @@ class RunResults:
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        fig.tight_layout()
-        path = self.run_dir / "privacy_epsilon.png"
-        tmp = path.with_name(".privacy_epsilon.tmp.png")
-        fig.savefig(tmp, dpi=100)
-        plt.close(fig)
-        os.replace(tmp, path)
-        return path
+        return _save_figure(fig, self.run_dir / "privacy_epsilon.png")
 
     def write_summary(self, **fields: Any) -> dict[str, Any]:
         """Write ``summary.json`` from the rounds so far plus ``fields``; return it.
