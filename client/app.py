@@ -82,9 +82,9 @@ def _training_set(
     return train
 
 
-def _model_from(message: Message, dataset: str) -> torch.nn.Module:
+def _model_from(state: dict[str, torch.Tensor], dataset: str) -> torch.nn.Module:
     model = build_model(dataset)
-    model.load_state_dict(message.content["arrays"].to_torch_state_dict(), strict=True)
+    model.load_state_dict(state, strict=True)  # copies: ``state`` stays the global model
     return model
 
 
@@ -96,7 +96,8 @@ def train(msg: Message, context: Context) -> Message:
     plan = resolve_plan(run, node)
     data = _client_data(run, node)
     device = resolve_device(run.device)
-    model = _model_from(msg, run.dataset)
+    global_state = msg.content["arrays"].to_torch_state_dict()
+    model = _model_from(global_state, run.dataset)
     train_set = _training_set(run, node, plan, data)
     dp = resolve_dp(run, node)
     private: PrivateRound | None = None
@@ -129,7 +130,7 @@ def train(msg: Message, context: Context) -> Message:
     if plan is not None:
         state, crafted = apply_attack(
             plan,
-            msg.content["arrays"].to_torch_state_dict(),
+            global_state,
             state,
             server_round=instr.server_round,
             round_seed=instr.round_seed,
@@ -154,7 +155,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     run, node = _setup(context, msg)
     data = _client_data(run, node)
     result = evaluate_model(
-        _model_from(msg, run.dataset), data.test, device=resolve_device(run.device)
+        _model_from(msg.content["arrays"].to_torch_state_dict(), run.dataset),
+        data.test,
+        device=resolve_device(run.device),
     )
     metrics = MetricRecord(
         {
