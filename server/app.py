@@ -169,17 +169,17 @@ def _run(grid: Grid, cfg: RunConfig, results: RunResults, batch_cell: int = -1) 
 
     for server_round in range(1, cfg.num_server_rounds + 1):
         round_start = time.monotonic()
+        instructions = cfg.train_instructions(server_round)
         messages = strategy.configure_train(
             server_round,
             arrays,
-            ConfigRecord(cfg.train_instructions(server_round) | {"batch-cell": batch_cell}),
+            ConfigRecord(instructions | {"batch-cell": batch_cell}),
             grid,
         )
         num_clients = max(num_clients, len(list(grid.get_node_ids())))
         replies, missing = send_and_receive(grid, messages, cfg.round_timeout)
         if adversary is not None:
-            seed = int(cfg.train_instructions(server_round)["round-seed"])
-            adversary.tamper(replies, arrays, seed)
+            adversary.tamper(replies, arrays, int(instructions["round-seed"]))
         round_seconds = time.monotonic() - round_start
         new_arrays, _ = strategy.aggregate_train(server_round, replies)
         if new_arrays is not None:
