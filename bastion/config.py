@@ -184,7 +184,8 @@ class RunConfig(_FlatModel):
     # (Yousefpour et al., 2021), accounted over the whole run per node with RDP
     # (Mironov, 2017); see client.privacy. Node configs may override the dp-* keys.
     dp: bool = False
-    dp_noise_multiplier: float = Field(1.0, gt=0, le=1e6)
+    # 0 is clipping without noise: DP-SGD's optimisation, no privacy (epsilon = inf)
+    dp_noise_multiplier: float = Field(1.0, ge=0, le=1e6)
     # > 0: choose the noise multiplier so that the planned run ends at this epsilon
     dp_target_epsilon: float = Field(0.0, ge=0, le=1e6)
     dp_delta: float = Field(1e-5, gt=0, lt=1)
@@ -303,7 +304,7 @@ class NodeConfig(_FlatModel):
     # back to the run config. state-dir keeps the node's privacy ledger across
     # SuperNode restarts (unset: $BASTION_STATE_DIR, else <cache dir>/state).
     dp: bool | None = None
-    dp_noise_multiplier: float | None = Field(None, gt=0, le=1e6)
+    dp_noise_multiplier: float | None = Field(None, ge=0, le=1e6)
     dp_target_epsilon: float | None = Field(None, ge=0, le=1e6)
     dp_delta: float | None = Field(None, gt=0, lt=1)
     dp_max_grad_norm: float | None = Field(None, gt=0, le=1e6)

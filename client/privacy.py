@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import re
 import warnings
@@ -162,10 +163,15 @@ def epsilon_of(history: Sequence[tuple[float, float, int]], delta: float) -> flo
     Prop. 1) and are converted to (epsilon, delta)-DP by Opacus' ``RDPAccountant``.
     Entries with the same noise multiplier and sample rate are merged first (their
     RDP is linear in the steps), so the cost stays that of one entry per distinct
-    pair however many rounds a node took part in.
+    pair however many rounds a node took part in. A round without noise (noise
+    multiplier 0: clipping only) releases its update without any guarantee, so the
+    whole history is worth ``inf``.
     """
+    history = [entry for entry in history if int(entry[2]) > 0]  # 0 steps release nothing
     if not history:
         return 0.0
+    if any(float(sigma) == 0.0 for sigma, _, _ in history):
+        return math.inf
     from opacus.accountants import RDPAccountant
 
     merged: dict[tuple[float, float], int] = {}

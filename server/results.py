@@ -38,11 +38,18 @@ def default_run_dir(base: str | Path = "runs", dataset: str = "run") -> Path:
     return path
 
 
-def _clean(value: Any) -> Any:
+#: Keys whose +inf is meaningful (a DP-SGD round without noise promises nothing):
+#: written as the string "inf" so that it stays strict JSON and unlike None ("no DP").
+_INFINITE_KEYS = frozenset({"dp_epsilon", "max_dp_epsilon", "max_epsilon"})
+
+
+def _clean(value: Any, key: str = "") -> Any:
+    """``value`` as strict JSON: non-finite floats become None, except +inf under
+    :data:`_INFINITE_KEYS`, which becomes ``"inf"`` (``float("inf")`` reads it back)."""
     if isinstance(value, float) and not math.isfinite(value):
-        return None
+        return "inf" if key in _INFINITE_KEYS and value > 0 else None
     if isinstance(value, Mapping):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: _clean(v, str(k)) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [_clean(v) for v in value]
     return value
@@ -188,7 +195,9 @@ class RunResults:
 
     def max_epsilon(self) -> float | None:
         """The largest DP epsilon any node reported in any round (``max_dp_epsilon``), or None."""
-        values = [r["max_dp_epsilon"] for r in self.rounds if r.get("max_dp_epsilon") is not None]
+        values = [
+            float(r["max_dp_epsilon"]) for r in self.rounds if r.get("max_dp_epsilon") is not None
+        ]
         return max(values) if values else None
 
     def plot_privacy(self) -> Path | None:
@@ -224,12 +233,21 @@ class RunResults:
         if rows:
             ax.plot(
                 [r["round"] for r in rows],
-                [r["max_dp_epsilon"] for r in rows],
+                [float(r["max_dp_epsilon"]) for r in rows],
                 "o--",
                 color="black",
                 label="max over nodes",
             )
         ax.set(xlabel="round", ylabel="epsilon (whole run so far)", title="Privacy spent")
+        if self.max_epsilon() == math.inf:  # infinite points are not drawn: say why
+            ax.text(
+                0.5,
+                0.5,
+                "epsilon = inf: some node trained without noise (dp-noise-multiplier = 0)",
+                transform=ax.transAxes,
+                ha="center",
+                wrap=True,
+            )
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")

@@ -360,6 +360,24 @@ def test_a_restarted_node_keeps_the_epsilon_it_spent(state) -> None:
     assert "train-loss" not in third and third["dp-delta"] == 1e-5
 
 
+def test_noise_multiplier_zero_clips_without_noise_and_spends_infinite_epsilon(state) -> None:
+    """sigma = 0 is DP-SGD's clipping with no noise: it trains, promises nothing
+    (epsilon = inf in the reply, and in every later round), and any finite budget
+    refuses it before training."""
+    run = client_run(**{"dp-noise-multiplier": 0.0})
+    reply = call_client(run, 1).content["metrics"]
+    assert reply["dp-noise-multiplier"] == 0.0 and reply["dp-epsilon"] == float("inf")
+    # a later noisy round cannot buy the guarantee back
+    noisy = call_client(client_run(), 2).content["metrics"]
+    assert noisy["dp-rounds"] == 2 and noisy["dp-epsilon"] == float("inf")
+    assert epsilon_of([(1.0, 0.1, 5), (0.0, 0.1, 0)], 1e-5) < float("inf")  # 0 steps: nothing
+    refused = call_client(
+        client_run(**{"dp-noise-multiplier": 0.0}), 3, **{"dp-max-epsilon": 1e6}
+    )
+    assert refused.has_error() and "would bring it to inf" in refused.error.reason
+    assert len(PrivacyLedger(ledger_path(state, RUN_ID, 0)).entries) == 2
+
+
 def test_runs_partitions_and_batch_cells_keep_separate_ledgers(tmp_path) -> None:
     paths = {
         ledger_path(tmp_path, 1, 0),
@@ -473,7 +491,7 @@ def test_importing_the_apps_does_not_import_opacus() -> None:
         ("dp-budget-action", "halt", "'stop', 'warn'"),
         ("dp-grad-sample-mode", "vmap", "'hooks', 'ew', 'functorch', 'ghost'"),
         ("dp-delta", 1.5, "< 1"),
-        ("dp-noise-multiplier", 0.0, "> 0"),
+        ("dp-noise-multiplier", -0.5, ">= 0"),
         ("dp-max-grad-norm", -1.0, "> 0"),
         ("dp-target-epsilon", -1.0, ">= 0"),
     ],

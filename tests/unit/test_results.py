@@ -103,3 +103,22 @@ def test_a_new_run_in_an_old_run_folder_sets_the_old_one_aside(tmp_path) -> None
     assert json.loads((old / "summary.json").read_text())["status"] == "completed"
     assert (tmp_path / "logs").is_dir()  # the launcher's logs stay where they are
     assert RunResults(tmp_path / "fresh", {}).moved_previous is None
+
+
+def test_an_infinite_epsilon_is_written_as_inf_not_as_no_dp(tmp_path) -> None:
+    """A node that trained with noise multiplier 0 reports epsilon = inf. It must stay
+    visible as "inf" (strict JSON), unlike a NaN loss (null) or a run without DP."""
+    res = RunResults(tmp_path, {})
+    res.log_nodes([{"round": 1, "partition_id": 0, "dp_epsilon": math.inf}])
+    res.log_round(
+        {"round": 1, "central_accuracy": 0.5, "central_loss": 1.0, "max_dp_epsilon": math.inf}
+    )
+    assert res.max_epsilon() == math.inf
+    res.write_summary(status="completed")
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["max_epsilon"] == "inf" and float(on_disk["max_epsilon"]) == math.inf
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["max_dp_epsilon"] == "inf"
+    node = json.loads((tmp_path / "diagnostics.jsonl").read_text())
+    assert node["dp_epsilon"] == "inf"
+    assert res.node_epsilons == [(1, "partition 0", math.inf)]
+    assert (tmp_path / "privacy_epsilon.png").read_bytes()[:4] == b"\x89PNG"
