@@ -382,6 +382,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _echo(line: str) -> None:
+    """A progress line, flushed: the grid runs for hours, often with output to a file."""
+    print(line, flush=True)
+
+
 def cmd_grid(args: argparse.Namespace) -> int:
     """``bastion grid FILE``: run an experiment grid (resumable), then table and plots."""
     from bastion.experiment_plots import plot_grid
@@ -402,9 +407,9 @@ def cmd_grid(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGTERM, _term_as_interrupt)
         try:
             if grid.backend == "simulation":
-                results = run_grid(grid, out, batch_runner=runner)
+                results = run_grid(grid, out, batch_runner=runner, echo=_echo)
             else:
-                results = run_grid(grid, out, runner)
+                results = run_grid(grid, out, runner, echo=_echo)
         except KeyboardInterrupt:
             print(
                 "\nbastion: interrupted; finished cells are kept (run again to resume)",
@@ -417,8 +422,8 @@ def cmd_grid(args: argparse.Namespace) -> int:
         results = [
             (c, out / "cells" / c.slug, cell_done(out / "cells" / c.slug)) for c in grid.cells
         ]
-    rows = write_tables(results, out)
-    plots = plot_grid(results, out)
+    rows = write_tables(results, out, grid.sweeps)
+    plots = plot_grid(results, out, grid.sweeps)
     done = sum(ok for _, _, ok in results)
     infeasible = sum(bool(c.infeasible) for c, _, _ in results)
     print(

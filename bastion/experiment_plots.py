@@ -6,7 +6,11 @@
 * ``krum_selection.png``: how often Krum picked each node over the run, honest
   and malicious nodes coloured apart (as Karimireddy, He & Jaggi 2022, Fig. 1a);
 * ``malicious_influence.png``: per round, the share of the aggregate owed to
-  malicious updates (see ``strategies.strategy.RoundSummary``), per defence.
+  malicious updates (see ``strategies.strategy.RoundSummary``), per defence;
+* ``sweep-<name>.png``: final accuracy against the swept value of each one-axis
+  sweep (and the largest DP epsilon, when the cells ran DP-SGD);
+* ``privacy.png``: when main cells ran DP-SGD, final accuracy and the largest
+  whole-run epsilon per defence (e.g. noise multiplier), one line per attack.
 
 A "defence" is every label of a cell other than its partitioner, attack and seed.
 """
@@ -16,10 +20,11 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bastion.experiments import Cell
+from bastion.experiments import Cell, Sweep, cell_row
 from bastion.runlog import read_jsonl
 
 PANEL_KEYS = ("partitioner", "attack")
@@ -44,17 +49,21 @@ def _grid_of(n: int) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
-def plot_grid(results: list[tuple[Cell, Path, bool]], out: Path) -> list[Path]:
+def plot_grid(
+    results: list[tuple[Cell, Path, bool]], out: Path, sweeps: Sequence[Sweep] = ()
+) -> list[Path]:
     """Write the plots for the finished cells of ``results`` into ``out``; return them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    written = [p for sweep in sweeps if (p := _sweep_plot(sweep, out)) is not None]
     done = [(c, d) for c, d, ok in results if ok and c.group == "main"]
-    written: list[Path] = []
     if not done:
         return written
+    if any(c.overrides.get("dp") for c, _ in done):
+        written.append(_privacy_plot(done, out / "privacy.png"))
 
     written.append(
         _curves(done, "central_accuracy", (0, 1), out / "accuracy_curves.png", first_round=0)
@@ -135,6 +144,82 @@ def plot_grid(results: list[tuple[Cell, Path, bool]], out: Path) -> list[Path]:
         path = out / "malicious_influence.png"
         written.append(_curves(attacked, "malicious_influence", (-0.02, 1.02), path, first_round=1))
     return written
+
+
+def _privacy_plot(done: list[tuple[Cell, Path]], path: Path) -> Path:
+    """Final accuracy (left) and the largest whole-run epsilon (right, log scale) per
+    defence, one line per attack: the privacy/utility/robustness trade-off."""
+    import matplotlib.pyplot as plt
+    from matplotlib.transforms import blended_transform_factory
+
+    defences = list(dict.fromkeys(_defence(c) for c, _ in done))
+    attacks = list(dict.fromkeys(c.labels.get("attack", "-") for c, _ in done))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    x = list(range(len(defences)))
+    for i, attack in enumerate(attacks):
+        acc: list[float] = [math.nan] * len(defences)
+        eps: list[float] = [math.nan] * len(defences)
+        for c, d in done:
+            if c.labels.get("attack", "-") != attack:
+                continue
+            j = defences.index(_defence(c))
+            row = cell_row(c, d)
+            acc[j] = math.nan if row["final_accuracy"] is None else row["final_accuracy"]
+            # "inf" (a run without noise) reads back as inf
+            eps[j] = math.nan if row["max_epsilon"] is None else float(row["max_epsilon"])
+        left.plot(x, acc, "o-", color=f"C{i}", label=attack)
+        finite = [e if math.isfinite(e) else math.nan for e in eps]
+        right.plot(x, finite, "o-", color=f"C{i}", label=attack)
+        for j, e in enumerate(eps):
+            if e == math.inf:  # no noise, no guarantee: the log axis cannot show it
+                right.text(
+                    j,
+                    0.95 - 0.06 * i,
+                    "ε = ∞",
+                    transform=blended_transform_factory(right.transData, right.transAxes),
+                    ha="center",
+                    fontsize=8,
+                    color=f"C{i}",
+                )
+    for ax in (left, right):
+        ax.set_xticks(x, defences, rotation=30, ha="right", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    left.set(ylabel="final accuracy", ylim=(0, 1), title="accuracy")
+    right.set(ylabel="max whole-run epsilon (log)", title="privacy spent (largest over nodes)")
+    right.set_yscale("log")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _sweep_plot(sweep: Sweep, out: Path) -> Path | None:
+    """Final and best accuracy against the swept value; a second axis carries the
+    largest DP epsilon when the cells ran DP-SGD."""
+    import matplotlib.pyplot as plt
+
+    rows = [(value, cell_row(cell, out / "cells" / cell.slug)) for value, cell in sweep.points]
+    rows = [(v, r) for v, r in rows if r["status"] == "completed"]
+    if not rows:
+        return None
+    # the values as equally spaced categories: sweeps such as Xie et al.'s
+    # eps in {-10, 0, 0.1, 10} are unreadable on a linear axis and a log axis has no 0
+    xs = list(range(len(rows)))
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.plot(xs, [r["final_accuracy"] for _, r in rows], "o-", label="final accuracy")
+    ax.plot(xs, [r["best_accuracy"] for _, r in rows], "s--", alpha=0.6, label="best accuracy")
+    ax.set(xlabel=sweep.key, ylabel="accuracy", ylim=(0, 1))
+    ax.set_xticks(xs, [v for v, _ in rows])
+    eps = [r["max_epsilon"] for _, r in rows]
+    if any(e is not None for e in eps):
+        twin = ax.twinx()
+        twin.plot(xs, [math.nan if e is None else float(e) for e in eps], "^:", color="tab:red")
+        twin.set_ylabel("max whole-run epsilon", color="tab:red")
+    fixed = ", ".join(f"{k}={v}" for k, v in sweep.fixed.items())
+    ax.set_title(f"{sweep.name}\n{fixed}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    return _save(fig, out / f"sweep-{sweep.name}.png")
 
 
 def _curves(

@@ -39,7 +39,7 @@ import json
 import shutil
 import time
 import tomllib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +76,17 @@ class Cell:
         return f"{self.group}-{readable}-{digest}"[:120]
 
 
+@dataclass(frozen=True)
+class Sweep:
+    """A one-axis ``[[sweep]]``: its swept run-config key and, per value, the cell that
+    runs it (a main cell when the sweep repeats one, e.g. Krum under IPM at eps 0.1)."""
+
+    name: str
+    key: str
+    fixed: dict[str, str]
+    points: list[tuple[str, Cell]]
+
+
 @dataclass
 class Grid:
     """A parsed grid file."""
@@ -85,6 +96,7 @@ class Grid:
     malicious: int
     base: dict[str, Any]
     cells: list[Cell] = field(default_factory=list)
+    sweeps: list[Sweep] = field(default_factory=list)
 
 
 def _axis_values(name: str, values: Any) -> list[tuple[str, dict[str, Any]]]:
@@ -135,10 +147,11 @@ def load_grid(path: str | Path) -> Grid:
     sections = [("main", {}, data.get("axes", {}))]
     for sweep in data.get("sweep", []):
         sections.append((str(sweep["name"]), dict(sweep.get("fixed", {})), sweep.get("axes", {})))
-    seen: set[str] = set()
+    seen: dict[str, Cell] = {}
     for group, fixed, axes in sections:
         if not axes and group == "main":
             continue
+        points: list[tuple[str, Cell]] = []
         for labels, overrides in _product(axes):
             full = base | fixed | overrides
             attacking = full.get("attack", "none") != "none"
@@ -157,8 +170,12 @@ def load_grid(path: str | Path) -> Grid:
             cell = Cell(labels | {k: str(v) for k, v in fixed.items()}, full, group, problem)
             key = json.dumps(full, sort_keys=True)
             if key not in seen:  # a sweep may repeat a main cell: run (and list) it once
-                seen.add(key)
+                seen[key] = cell
                 grid.cells.append(cell)
+            points.append((next(iter(labels.values()), ""), seen[key]))
+        if group != "main" and len(axes) == 1:
+            fixed_labels = {k: str(v) for k, v in fixed.items()}
+            grid.sweeps.append(Sweep(group, next(iter(axes)), fixed_labels, points))
     if not grid.cells:
         raise ConfigError(f"grid file {path}: no cells (give [axes] or [[sweep]] sections)")
     return grid
@@ -282,8 +299,11 @@ def cell_row(cell: Cell, cell_dir: Path) -> dict[str, Any]:
     }
 
 
-def write_tables(results: list[tuple[Cell, Path, bool]], out: Path) -> list[dict[str, Any]]:
-    """``results.csv`` and ``results.md`` (one row per cell); returns the rows."""
+def write_tables(
+    results: list[tuple[Cell, Path, bool]], out: Path, sweeps: Sequence[Sweep] = ()
+) -> list[dict[str, Any]]:
+    """``results.csv`` and ``results.md`` (one row per cell, then the attack x defence
+    pivots and one table per sweep); returns the rows."""
     rows = [cell_row(c, d) for c, d, _ in results]
     keys: list[str] = []
     for r in rows:
@@ -301,8 +321,38 @@ def write_tables(results: list[tuple[Cell, Path, bool]], out: Path) -> list[dict
     shown = [k for k in keys if k != "dir"]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(fmt(r.get(k)) for k in shown) + " |" for r in rows]
-    (out / "results.md").write_text("\n".join(lines) + "\n" + pivot_tables(results))
+    md = "\n".join(lines) + "\n" + pivot_tables(results) + sweep_tables(sweeps, out)
+    (out / "results.md").write_text(md)
     return rows
+
+
+def sweep_tables(sweeps: Sequence[Sweep], out: Path) -> str:
+    """One Markdown table per sweep: the swept value against final and best accuracy,
+    the malicious updates' mean share of the aggregate and the largest DP epsilon."""
+    parts = []
+    for sweep in sweeps:
+        fixed = ", ".join(f"{k}={v}" for k, v in sweep.fixed.items())
+        parts += [
+            f"\n### Sweep {sweep.name}: {sweep.key}" + (f" ({fixed})" if fixed else "") + "\n",
+            "(– not run yet; n/a: the rule cannot run with this many clients)\n",
+            f"| {sweep.key} | final accuracy | best accuracy | malicious influence | max epsilon |",
+            "|---|---|---|---|---|",
+        ]
+        for value, cell in sweep.points:
+            row = cell_row(cell, out / "cells" / cell.slug)
+            done = row["status"] == "completed"
+            shown = [
+                _fmt(row[k], ".3f") if done else ("n/a" if cell.infeasible else "–")
+                for k in ("final_accuracy", "best_accuracy", "mean_malicious_influence")
+            ]
+            eps = row["max_epsilon"]
+            shown.append(_fmt(float(eps), ".3g") if done and eps is not None else "–")
+            parts.append(f"| {value} | " + " | ".join(shown) + " |")
+    return "\n".join(parts) + ("\n" if parts else "")
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
 
 
 def pivot_tables(results: list[tuple[Cell, Path, bool]]) -> str:

@@ -187,3 +187,48 @@ def test_cells_whose_rule_cannot_run_are_listed_not_run(tmp_path: Path) -> None:
     rows = write_tables(results, tmp_path / "out")
     assert {r["status"] for r in rows if r.get("aggregator") == "bulyan"} == {"infeasible"}
     assert {r["status"] for r in rows if r.get("aggregator") == "mean"} == {"completed"}
+
+
+def test_sweeps_list_every_value_including_the_main_cells_they_repeat(tmp_path: Path) -> None:
+    grid = load_grid(write(tmp_path))
+    (sweep,) = grid.sweeps
+    assert sweep.key == "attack-epsilon" and [v for v, _ in sweep.points] == ["0.1", "10.0"]
+    # eps 0.1 is the main krum / ipm 0.1 / iid cell, eps 10 the sweep's own
+    assert [c.group for _, c in sweep.points] == ["main", "krum-ipm"]
+    assert sweep.points[0][1].labels == {
+        "partitioner": "iid",
+        "attack": "ipm 0.1",
+        "aggregator": "krum",
+    }
+    out = tmp_path / "out"
+    run_grid(grid, out, fake_runner([]), echo=lambda _: None)
+    summary = out / "cells" / sweep.points[1][1].slug / "summary.json"
+    summary.write_text(json.dumps(json.loads(summary.read_text()) | {"final_accuracy": 0.42}))
+    results = [(c, out / "cells" / c.slug, True) for c in grid.cells]
+    write_tables(results, out, grid.sweeps)
+    md = (out / "results.md").read_text()
+    table = md.split("### Sweep krum-ipm: attack-epsilon")[1]
+    assert "(aggregator=krum, attack=ipm, partitioner=iid)" in table.splitlines()[0]
+    assert "| 0.1 | 0.100 | 0.100 | 1.000 | – |" in table  # the fake ipm cell
+    assert "| 10.0 | 0.420 |" in table
+    assert "sweep-krum-ipm.png" in {p.name for p in plot_grid(results, out, grid.sweeps)}
+
+
+def test_dp_grids_plot_accuracy_and_epsilon_per_noise_level(tmp_path: Path) -> None:
+    text = GRID.replace(
+        'aggregator = ["mean", "krum"]',
+        'noise = [{dp = false, label = "no DP"}, {dp = true, dp-noise-multiplier = 0.0, '
+        'label = "sigma 0"}, {dp = true, dp-noise-multiplier = 1.0, label = "sigma 1"}]',
+    ).split("[[sweep]]")[0]
+    grid = load_grid(write(tmp_path, text))
+    out = tmp_path / "out"
+    results = run_grid(grid, out, fake_runner([]), echo=lambda _: None)
+    for c, d, _ in results:
+        eps = {"no DP": None, "sigma 0": "inf", "sigma 1": 3.5}[c.labels["noise"]]
+        summary = json.loads((d / "summary.json").read_text()) | {"max_epsilon": eps}
+        (d / "summary.json").write_text(json.dumps(summary))
+    rows = write_tables(results, out)
+    assert {str(r["max_epsilon"]) for r in rows} == {"None", "inf", "3.5"}
+    plots = {p.name for p in plot_grid(results, out)}
+    assert "privacy.png" in plots and (out / "privacy.png").stat().st_size > 5000
+    # (a grid without DP draws none: test_grid_resumes_and_reports lists its plots)
