@@ -192,10 +192,10 @@ def train_local_dp(
     the batch sampling and the noise; ``None`` (what the ClientApp uses) draws a
     secret seed from the OS, because noise that the server could regenerate (e.g.
     from the round seed it sends) would protect nothing. ``noise_multiplier = 0``
-    (clipping only, no privacy) is allowed for tests. ``step_hook(optimizer)`` runs
-    after clipping and noising, before the parameter update (Opacus' step hook;
-    ``p.grad_sample`` still holds the raw per-sample gradients there, except in
-    ghost mode).
+    is clipping without noise: DP-SGD's optimisation, no privacy (epsilon = inf).
+    ``step_hook(optimizer)`` runs after clipping and noising, before the parameter
+    update (Opacus' step hook; ``p.grad_sample`` still holds the raw per-sample
+    gradients there, except in ghost mode).
     """
     if len(data) == 0:
         raise ValueError("train_local_dp: the training set is empty")
