@@ -32,7 +32,7 @@ from client.privacy import (
 )
 from strategies.strategy import RobustStrategy
 from task.datasets import ArrayDataset
-from task.models import build_model
+from task.models import MODELS, build_model
 from task.training import train_local, train_local_dp
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,6 +116,14 @@ def test_per_sample_gradients_are_clipped_to_c_before_the_noise(mode: str) -> No
     assert result.steps == 4 and len(seen) == 4
     assert max(clipped for _, clipped in seen) <= c * (1 + 1e-5)
     assert max(raw for raw, _ in seen) > 10 * c  # the bound really had to act
+
+
+@pytest.mark.parametrize("dataset", sorted(MODELS))
+def test_every_model_is_one_opacus_can_train(dataset: str) -> None:
+    """Opacus' own validator finds nothing to fix (no BatchNorm, no unsupported layer)."""
+    from opacus.validators import ModuleValidator
+
+    assert ModuleValidator.validate(build_model(dataset), strict=False) == []
 
 
 def test_grad_sample_modes_train_the_same_cnn_without_noise() -> None:
