@@ -38,6 +38,9 @@ app = ServerApp()
 # first interval (the overhead benchmark sets 3 to compare with Flower's behaviour).
 POLL_SECONDS = float(os.environ.get("BASTION_POLL_SECONDS", "0.1"))
 MAX_POLL_SECONDS = max(POLL_SECONDS, 1.0)
+# an instruction outlives its round by this much (pull latency), then the SuperLink
+# drops it; a reply inherits what is left of its instruction's TTL
+TTL_MARGIN_SECONDS = 5.0
 
 
 def send_and_receive(
@@ -46,8 +49,15 @@ def send_and_receive(
     """Push ``messages`` and pull replies until all arrived or ``timeout`` passed.
 
     Returns the replies and ``{message_id: node_id}`` of the messages that got no reply.
+
+    Every message lives ``timeout`` (+ :data:`TTL_MARGIN_SECONDS`) seconds: Flower's
+    default is 12 hours, so a node that was cut off during a round and comes back
+    later would first pull the closed round's instruction and train on it for
+    nothing (spending privacy budget with DP); with this TTL the SuperLink drops it.
     """
     messages = list(messages)
+    for msg in messages:
+        msg.metadata.ttl = timeout + TTL_MARGIN_SECONDS
     ids = list(grid.push_messages(messages))
     waiting = {mid: msg.metadata.dst_node_id for mid, msg in zip(ids, messages, strict=True)}
     replies: list[Message] = []
