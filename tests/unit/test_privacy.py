@@ -379,9 +379,7 @@ def test_noise_multiplier_zero_clips_without_noise_and_spends_infinite_epsilon(s
     noisy = call_client(client_run(), 2).content["metrics"]
     assert noisy["dp-rounds"] == 2 and noisy["dp-epsilon"] == float("inf")
     assert epsilon_of([(1.0, 0.1, 5), (0.0, 0.1, 0)], 1e-5) < float("inf")  # 0 steps: nothing
-    refused = call_client(
-        client_run(**{"dp-noise-multiplier": 0.0}), 3, **{"dp-max-epsilon": 1e6}
-    )
+    refused = call_client(client_run(**{"dp-noise-multiplier": 0.0}), 3, **{"dp-max-epsilon": 1e6})
     assert refused.has_error() and "would bring it to inf" in refused.error.reason
     assert len(PrivacyLedger(ledger_path(state, RUN_ID, 0)).entries) == 2
 
