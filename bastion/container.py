@@ -1,0 +1,879 @@
+"""Entry points of Bastion's containers: ``python -m bastion.container COMMAND``.
+
+``docker-compose.yml`` runs one image in five roles; each is a subcommand here:
+
+``setup``
+    One-shot, as root: creates the shared folders (partition slots, privacy
+    ledgers, the colluders' side channel, the results folder) owned by the
+    runtime user, and unless ``BASTION_TLS=0`` makes a certificate authority
+    and a SuperLink certificate (:func:`ensure_certificates`; reused on later
+    starts, re-issued by the same CA when the requested names change).
+``superlink``
+    ``flower-superlink`` with TLS, its Fleet API (gRPC) on 9092 and its
+    Control/Runtime API (HTTP) on 9093.
+``supernode --role honest|malicious``
+    Claims a free data partition (:func:`claim_partition`), then becomes
+    ``flower-supernode`` with ``--node-config "partition-id=... num-partitions=...
+    role=..."`` (plus the attack for a malicious node).
+``run``
+    The one-shot runner: submits the app with ``flwr run`` over TLS, streams the
+    ServerApp's log, and exits 0 only when the run's ``summary.json`` says
+    ``completed`` (the ServerApp, inside the SuperLink container, writes the
+    results into the mounted results folder).
+``certs --out DIR [--san NAME ...]``
+    The same CA and SuperLink certificate for a federation without compose.
+``probe HOST:PORT ...``
+    Healthcheck: exits 0 when every address accepts TCP connections.
+
+Partition ids. Compose has no loops, so each SuperNode kind is one service scaled
+by ``deploy.replicas``. With ``N = BASTION_HONEST + BASTION_MALICIOUS +
+BASTION_EXTERNAL_NODES`` partitions, the malicious partitions are the ones
+``bastion run --malicious`` would pick (:func:`client.malicious.malicious_partitions`
+with ``BASTION_SEED``) among the first ``HONEST + MALICIOUS``; the other ones of
+those belong to honest nodes, and ``HONEST + MALICIOUS .. N-1`` are left for
+SuperNodes outside compose (edge devices). A replica takes the first partition
+of its kind whose lock file in the shared slots volume it can ``flock``; the lock
+lives as long as the SuperNode process (the open file is inherited across
+``exec``), so a restarted container takes back a free partition and two live
+containers never share one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import fcntl
+import ipaddress
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bastion.config import ConfigError, NodeConfig, format_overrides, parse_overrides
+
+FLEET_PORT = 9092
+CONTROL_PORT = 9093
+SUPERNODE_HEALTH_PORT = 9099
+STATE_ROOT = Path("/var/lib/bastion")
+CA_DIR = STATE_ROOT / "ca"  # CA key and certificate (only the setup service mounts it)
+SERVER_TLS_DIR = STATE_ROOT / "tls"  # SuperLink certificate, key and the CA certificate
+TRUST_DIR = STATE_ROOT / "trust"  # the CA certificate alone, for SuperNodes and the runner
+SLOTS_DIR = STATE_ROOT / "slots"
+LEDGER_DIR = STATE_ROOT / "state"
+COLLUSION_DIR = STATE_ROOT / "collusion"
+RESULTS_DIR = Path("/results")
+APP_DIR = Path("/app")
+#: names the SuperLink certificate always carries (compose service name, loopback)
+DEFAULT_SANS = ("superlink", "localhost", "127.0.0.1")
+ROLES = ("honest", "malicious")
+
+
+# ------------------------------------------------------------------- environment
+def env_int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    """Integer environment variable ``name`` (``default`` when unset or empty)."""
+    raw = env.get(name, "").strip()
+    if raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < minimum:
+        raise ConfigError(
+            f"environment variable {name}: value {raw!r} is not allowed; "
+            f"allowed: an integer >= {minimum}"
+        )
+    return value
+
+
+def env_flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    """Boolean environment variable ``name``: 1/true/yes/on or 0/false/no/off."""
+    raw = env.get(name, "").strip().lower()
+    if raw == "":
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(
+        f"environment variable {name}: value {raw!r} is not allowed; allowed: 1 or 0 "
+        "(also true/false, yes/no, on/off)"
+    )
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How many SuperNodes of each kind the federation has, and who holds which partition."""
+
+    honest: int
+    malicious: int
+    external: int = 0
+    seed: int = 0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Layout:
+        """Read ``BASTION_HONEST`` (3), ``BASTION_MALICIOUS`` (1),
+        ``BASTION_EXTERNAL_NODES`` (0) and ``BASTION_SEED`` (0)."""
+        layout = cls(
+            honest=env_int(env, "BASTION_HONEST", 3),
+            malicious=env_int(env, "BASTION_MALICIOUS", 1),
+            external=env_int(env, "BASTION_EXTERNAL_NODES", 0),
+            seed=env_int(env, "BASTION_SEED", 0),
+        )
+        if layout.total < 1:
+            raise ConfigError(
+                "environment variables BASTION_HONEST + BASTION_MALICIOUS + "
+                "BASTION_EXTERNAL_NODES: value 0 is not allowed; allowed: at least 1 SuperNode"
+            )
+        return layout
+
+    @property
+    def in_compose(self) -> int:
+        """SuperNodes that compose starts (honest + malicious)."""
+        return self.honest + self.malicious
+
+    @property
+    def total(self) -> int:
+        """All SuperNodes of the federation, ``num-partitions``."""
+        return self.in_compose + self.external
+
+    def malicious_ids(self) -> tuple[int, ...]:
+        """Partitions of the malicious SuperNodes: ``bastion run --malicious``'s seeded rule."""
+        from client.malicious import malicious_partitions
+
+        return malicious_partitions(self.in_compose, self.malicious, self.seed)
+
+    def partitions(self, role: str) -> tuple[int, ...]:
+        """The partition ids a SuperNode of ``role`` may take, in the order it tries them."""
+        bad = set(self.malicious_ids()) if self.malicious else set()
+        if role == "malicious":
+            return tuple(sorted(bad))
+        if role == "honest":
+            return tuple(p for p in range(self.in_compose) if p not in bad)
+        if role == "external":
+            return tuple(range(self.in_compose, self.total))
+        raise ConfigError(f"role: value {role!r} is not allowed; allowed: one of {ROLES}")
+
+
+# ------------------------------------------------------------------ partitions
+class NoFreePartition(RuntimeError):
+    """Every partition of a role is held by a live SuperNode."""
+
+
+def claim_partition(slots_dir: Path, candidates: Sequence[int], owner: str) -> tuple[int, int]:
+    """Lock the first free partition of ``candidates``; return ``(partition id, fd)``.
+
+    A partition is free when no live process holds an exclusive ``flock`` on
+    ``slots_dir/partition-<id>.lock``. The lock belongs to the returned open file:
+    it lasts while that descriptor (inherited across ``exec``) stays open in some
+    process, and the kernel drops it when the last holder dies. ``owner`` is
+    written into the file for people looking at the volume.
+    """
+    slots_dir.mkdir(parents=True, exist_ok=True)
+    for pid in candidates:
+        fd = os.open(slots_dir / f"partition-{pid}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{owner} {os.getpid()} {time.time():.0f}\n".encode())
+        return pid, fd
+    raise NoFreePartition(
+        f"no free partition among {list(candidates)} in {slots_dir}: more SuperNodes of this "
+        "kind run than BASTION_HONEST / BASTION_MALICIOUS say. Change those counts (in .env "
+        "or the environment) instead of `docker compose up --scale`, so that every node "
+        "agrees on num-partitions"
+    )
+
+
+NODE_CONFIG_KEYS = frozenset(NodeConfig.keys())
+
+
+def node_config(
+    layout: Layout,
+    role: str,
+    partition_id: int,
+    env: Mapping[str, str],
+) -> dict[str, Any]:
+    """The ``--node-config`` of a compose SuperNode, validated.
+
+    Every node gets ``partition-id``, ``num-partitions`` and ``role`` plus
+    ``BASTION_NODE_CONFIG``; a malicious node also gets ``attack``
+    (``BASTION_ATTACK``), ``num-colluders`` (the malicious count), the
+    colluders' shared folder and ``BASTION_ATTACK_CONFIG`` (e.g.
+    ``attack-epsilon=0.1``). Keys that ``NodeConfig`` does not know are refused.
+    """
+    cfg: dict[str, Any] = {
+        "partition-id": partition_id,
+        "num-partitions": layout.total,
+        "role": role,
+    }
+    sources = [("BASTION_NODE_CONFIG", env.get("BASTION_NODE_CONFIG", ""))]
+    if role == "malicious":
+        attack = env.get("BASTION_ATTACK", "").strip() or "ipm"
+        cfg |= {
+            "attack": attack,
+            "num-colluders": max(layout.malicious, 1),
+            "collusion-dir": str(COLLUSION_DIR),
+        }
+        sources.append(("BASTION_ATTACK_CONFIG", env.get("BASTION_ATTACK_CONFIG", "")))
+    for name, text in sources:
+        extra = parse_overrides(text)
+        unknown = sorted(set(extra) - NODE_CONFIG_KEYS)
+        if unknown:
+            raise ConfigError(
+                f"environment variable {name}: key(s) {unknown} are not node-config keys; "
+                f"allowed: {', '.join(sorted(NODE_CONFIG_KEYS))}"
+            )
+        fixed = sorted({"partition-id", "num-partitions", "role"} & set(extra))
+        if fixed:
+            raise ConfigError(
+                f"environment variable {name}: key(s) {fixed} are set by the container "
+                "(from BASTION_HONEST / BASTION_MALICIOUS); remove them"
+            )
+        cfg |= extra
+    NodeConfig.from_flat(cfg, source=f"node config of a {role} SuperNode")
+    return cfg
+
+
+# ------------------------------------------------------------------ certificates
+def parse_sans(text: str, source: str = "environment variable BASTION_TLS_SANS") -> list[str]:
+    """Subject alternative names from ``"name,1.2.3.4,DNS:host,IP:::1"`` (comma/space separated).
+
+    Returns them as ``DNS:...`` / ``IP:...`` strings; a bare value is an IP address
+    when it parses as one, otherwise a DNS name.
+    """
+    out: list[str] = []
+    for item in text.replace(",", " ").split():
+        upper = item.upper()
+        kind, value = "", item
+        if upper.startswith(("DNS:", "IP:")):
+            kind, _, value = item.partition(":")
+            kind = kind.upper()
+        if kind == "IP" or (not kind and _is_ip(value)):
+            if not _is_ip(value):
+                raise ConfigError(
+                    f"{source}: value {item!r} is not allowed; "
+                    "allowed: an IPv4/IPv6 address after 'IP:'"
+                )
+            entry = f"IP:{ipaddress.ip_address(value)}"
+        else:
+            if not value or not all(part and _dns_label(part) for part in value.split(".")):
+                raise ConfigError(
+                    f"{source}: value {item!r} is not allowed; "
+                    "allowed: host names (letters, digits, '-', '*.' prefix) or IP addresses"
+                )
+            entry = f"DNS:{value.lower()}"
+        if entry not in out:
+            out.append(entry)
+    return out
+
+
+def _is_ip(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _dns_label(label: str) -> bool:
+    return label == "*" or (
+        len(label) <= 63
+        and all(c.isalnum() or c == "-" for c in label)
+        and not label.startswith("-")
+        and not label.endswith("-")
+    )
+
+
+@dataclass(frozen=True)
+class CertificateReport:
+    """What :func:`ensure_certificates` did: ``created``/``reused`` per file set."""
+
+    ca: str
+    server: str
+    sans: tuple[str, ...]
+
+
+def ensure_certificates(
+    ca_dir: Path,
+    server_dir: Path,
+    trust_dir: Path,
+    sans: Sequence[str],
+    *,
+    owner: tuple[int, int] | None = None,
+    now: dt.datetime | None = None,
+    ca_days: int = 3650,
+    server_days: int = 825,
+) -> CertificateReport:
+    """Make (or keep) a CA and a SuperLink server certificate for ``sans``.
+
+    Files: ``ca_dir/ca.key`` + ``ca.crt`` (the CA, private to the setup service);
+    ``server_dir/server.key`` + ``server.crt`` + ``ca.crt`` (the SuperLink's
+    ``--ssl-keyfile``/``--ssl-certfile``/``--ssl-ca-certfile``);
+    ``trust_dir/ca.crt`` (SuperNodes' ``--root-certificates``, the runner's
+    ``root-certificates``). An existing CA is kept while it is valid for 30 more
+    days, so certificates handed to edge devices stay valid; the server
+    certificate is re-issued when it does not chain to that CA, expires within 30
+    days or lacks one of ``sans`` (``DNS:name`` / ``IP:addr`` strings). ``owner``
+    (uid, gid) gets the server key so that a non-root SuperLink can read it; the
+    CA key stays with the user running this.
+    RSA-3072 keys, SHA-256 signatures.
+    """
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = now or dt.datetime.now(dt.UTC)
+    margin = dt.timedelta(days=30)
+    for d in (ca_dir, server_dir, trust_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    pem = serialization.Encoding.PEM
+
+    def write(path: Path, data: bytes, mode: int, give: bool = False) -> None:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(data)
+        os.chmod(tmp, mode)
+        if give and owner is not None and os.geteuid() == 0:
+            os.chown(tmp, *owner)
+        os.replace(tmp, path)
+
+    def new_key() -> rsa.RSAPrivateKey:
+        return rsa.generate_private_key(public_exponent=65537, key_size=3072)
+
+    def key_bytes(key: rsa.RSAPrivateKey) -> bytes:
+        return key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+
+    def valid(cert: x509.Certificate) -> bool:
+        return cert.not_valid_before_utc <= now and cert.not_valid_after_utc > now + margin
+
+    # ---- the CA
+    ca_key_path, ca_crt_path = ca_dir / "ca.key", ca_dir / "ca.crt"
+    ca_state = "reused"
+    ca_key: Any = None
+    ca_cert: x509.Certificate | None = None
+    if ca_key_path.exists() and ca_crt_path.exists():
+        ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
+        ca_cert = x509.load_pem_x509_certificate(ca_crt_path.read_bytes())
+        if not valid(ca_cert):
+            ca_cert = None
+    if ca_cert is None:
+        ca_state = "created"
+        ca_key = new_key()
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Bastion federation CA")])
+        ca_cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=ca_days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        write(ca_key_path, key_bytes(ca_key), 0o600)
+        write(ca_crt_path, ca_cert.public_bytes(pem), 0o644)
+    ca_pem = ca_cert.public_bytes(pem)
+
+    # ---- the SuperLink's certificate
+    wanted = list(dict.fromkeys(sans))
+    general = [
+        x509.IPAddress(ipaddress.ip_address(s[3:])) if s.startswith("IP:") else x509.DNSName(s[4:])
+        for s in wanted
+    ]
+    crt_path, key_path = server_dir / "server.crt", server_dir / "server.key"
+    server_state = "reused"
+    reissue = True
+    if crt_path.exists() and key_path.exists() and ca_state == "reused":
+        cert = x509.load_pem_x509_certificate(crt_path.read_bytes())
+        try:
+            cert.verify_directly_issued_by(ca_cert)
+            have = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+            reissue = not valid(cert) or any(g not in have for g in general)
+        except (ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound):
+            reissue = True
+    if reissue:
+        server_state = "created"
+        key = new_key()
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(
+                x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, wanted[0].partition(":")[2])])
+            )
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=server_days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName(general), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    key_encipherment=True,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), False
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        write(key_path, key_bytes(key), 0o600, give=True)
+        write(crt_path, cert.public_bytes(pem), 0o644, give=True)
+    elif owner is not None and os.geteuid() == 0:  # the runtime user may have changed
+        for path in (key_path, crt_path):
+            os.chown(path, *owner)
+    write(server_dir / "ca.crt", ca_pem, 0o644)
+    write(trust_dir / "ca.crt", ca_pem, 0o644)
+    return CertificateReport(ca_state, server_state, tuple(wanted))
+
+
+# ------------------------------------------------------------------------ setup
+def prepare_dirs(dirs: Sequence[Path], owner: tuple[int, int]) -> None:
+    """Create ``dirs`` and, when run as root, hand them to ``owner`` (uid, gid)."""
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            os.chown(d, *owner)
+
+
+def prepare_results(results: Path, owner: tuple[int, int]) -> None:
+    """Make the results folder writable for ``owner``.
+
+    A bind-mounted folder that did not exist on the host is created by the engine
+    and owned by root; that one is handed to ``owner``. A folder owned by anyone
+    else is left alone, and must already be writable for ``owner``.
+    """
+    results.mkdir(parents=True, exist_ok=True)
+    st = results.stat()
+    if os.geteuid() == 0 and st.st_uid == 0 and owner[0] != 0:
+        os.chown(results, *owner)
+        return
+    if st.st_uid != owner[0] and not st.st_mode & 0o002:
+        raise ConfigError(
+            f"results folder {results} belongs to uid {st.st_uid}, but the containers run as "
+            f"uid {owner[0]}; set BASTION_UID/BASTION_GID to its owner "
+            f"(`id -u`/`id -g`) or make it writable"
+        )
+
+
+def cmd_setup(env: Mapping[str, str]) -> int:
+    """The ``setup`` service: folders for the runtime user, then certificates."""
+    owner = (env_int(env, "BASTION_UID", 1000), env_int(env, "BASTION_GID", 1000))
+    prepare_dirs([SLOTS_DIR, LEDGER_DIR, COLLUSION_DIR], owner)
+    prepare_results(RESULTS_DIR, owner)
+    if not env_flag(env, "BASTION_TLS", True):
+        print("bastion setup: BASTION_TLS=0, no certificates (insecure federation)")
+        return 0
+    sans = parse_sans(" ".join(DEFAULT_SANS) + " " + env.get("BASTION_TLS_SANS", ""))
+    report = ensure_certificates(CA_DIR, SERVER_TLS_DIR, TRUST_DIR, sans, owner=owner)
+    print(
+        f"bastion setup: CA {report.ca}, SuperLink certificate {report.server} for "
+        f"{', '.join(report.sans)}"
+    )
+    return 0
+
+
+def cmd_certs(out: Path, sans: Sequence[str]) -> int:
+    """``certs``: the same CA and SuperLink certificate, for hosts without compose.
+
+    ``out/ca/`` (keep private), ``out/superlink/`` (the SuperLink's ``--ssl-*``
+    files), ``out/supernode/ca.crt`` (every SuperNode's ``--root-certificates``,
+    and ``flwr``'s ``root-certificates``).
+    """
+    names = parse_sans(" ".join([*DEFAULT_SANS, *sans]), source="--san")
+    report = ensure_certificates(out / "ca", out / "superlink", out / "supernode", names)
+    print(
+        f"CA {report.ca} in {out / 'ca'}; SuperLink certificate {report.server} for "
+        f"{', '.join(report.sans)} in {out / 'superlink'}; SuperNodes trust "
+        f"{out / 'supernode' / 'ca.crt'}"
+    )
+    return 0
+
+
+# -------------------------------------------------------------- Flower processes
+def flower_env(env: Mapping[str, str]) -> dict[str, str]:
+    """The environment for Flower's processes: no calls home, no ``uv sync`` at run time."""
+    out = dict(env)
+    defaults = {
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    }
+    return out | {k: v for k, v in defaults.items() if not out.get(k, "").strip()}
+
+
+def superlink_command(tls: bool) -> list[str]:
+    """``flower-superlink``: Fleet API on 0.0.0.0:9092, Control/Runtime API on 0.0.0.0:9093."""
+    cmd = ["flower-superlink", "--disable-runtime-dependency-installation"]
+    if tls:
+        cmd += [
+            "--ssl-ca-certfile",
+            str(SERVER_TLS_DIR / "ca.crt"),
+            "--ssl-certfile",
+            str(SERVER_TLS_DIR / "server.crt"),
+            "--ssl-keyfile",
+            str(SERVER_TLS_DIR / "server.key"),
+        ]
+    else:
+        cmd.append("--insecure")
+    return [
+        *cmd,
+        "--fleet-api-address",
+        f"0.0.0.0:{FLEET_PORT}",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(CONTROL_PORT),
+    ]
+
+
+def supernode_command(superlink: str, tls: bool, cfg: Mapping[str, Any]) -> list[str]:
+    """``flower-supernode`` reaching ``superlink`` (host:port) with node config ``cfg``."""
+    cmd = ["flower-supernode", "--superlink", superlink]
+    cmd += ["--root-certificates", str(TRUST_DIR / "ca.crt")] if tls else ["--insecure"]
+    return [
+        *cmd,
+        "--node-config",
+        format_overrides(cfg),
+        "--health-server-address",
+        f"127.0.0.1:{SUPERNODE_HEALTH_PORT}",
+    ]
+
+
+def _exec(cmd: list[str], env: Mapping[str, str]) -> int:
+    print("bastion:", " ".join(cmd), flush=True)
+    os.execvpe(cmd[0], cmd, dict(env))
+    return 1  # pragma: no cover - exec does not return
+
+
+def _require_certificate(path: Path) -> None:
+    if not path.exists():
+        raise ConfigError(
+            f"TLS is on (BASTION_TLS=1) but {path} does not exist; the setup service makes "
+            "it (`docker compose up` runs it first)"
+        )
+
+
+def cmd_superlink(env: Mapping[str, str]) -> int:
+    """The ``superlink`` service."""
+    tls = env_flag(env, "BASTION_TLS", True)
+    if tls:
+        _require_certificate(SERVER_TLS_DIR / "server.key")
+    return _exec(superlink_command(tls), flower_env(env))
+
+
+def cmd_supernode(role: str, env: Mapping[str, str]) -> int:
+    """A ``supernode-*`` service replica: claim a partition, become ``flower-supernode``."""
+    from bastion.federation import superexec_poll_seconds
+
+    if role not in ROLES:
+        raise ConfigError(f"--role: value {role!r} is not allowed; allowed: one of {ROLES}")
+    layout = Layout.from_env(env)
+    tls = env_flag(env, "BASTION_TLS", True)
+    if tls:
+        _require_certificate(TRUST_DIR / "ca.crt")
+    candidates = layout.partitions(role)
+    pid, fd = claim_partition(SLOTS_DIR, candidates, socket.gethostname())
+    os.set_inheritable(fd, True)  # the lock lives as long as flower-supernode
+    cfg = node_config(layout, role, pid, env)
+    out = flower_env(env)
+    cores = os.cpu_count() or 1
+    # compose passes unset variables as empty strings: those count as unset too
+    defaults = {
+        "BASTION_TORCH_THREADS": str(max(1, cores // max(layout.in_compose, 1))),
+        "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": f"{superexec_poll_seconds(layout.in_compose):.2f}",
+        "BASTION_STATE_DIR": str(LEDGER_DIR),
+    }
+    out |= {k: v for k, v in defaults.items() if not out.get(k, "").strip()}
+    superlink = env.get("BASTION_SUPERLINK", "").strip() or f"superlink:{FLEET_PORT}"
+    print(
+        f"bastion: {role} SuperNode holds partition {pid} of {layout.total} "
+        f"({role} partitions: {list(candidates)})",
+        flush=True,
+    )
+    return _exec(supernode_command(superlink, tls, cfg), out)
+
+
+def probe(addresses: Sequence[str], timeout: float = 2.0) -> list[str]:
+    """The ``host:port`` addresses of ``addresses`` that refuse TCP connections."""
+    down = []
+    for address in addresses:
+        host, _, port = address.rpartition(":")
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+                pass
+        except (OSError, ValueError):
+            down.append(address)
+    return down
+
+
+# ------------------------------------------------------------------------ runner
+def runner_run_config(
+    layout: Layout, env: Mapping[str, str], output_dir: Path, defaults: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The ``flwr run --run-config`` overrides of the runner, validated.
+
+    ``BASTION_ROUNDS`` (3), ``BASTION_DATASET`` (digits), ``BASTION_AGGREGATOR``
+    (median), ``BASTION_NUM_BYZANTINE`` (the malicious count) and ``BASTION_SEED``
+    first, then any key from ``BASTION_RUN_CONFIG``; the first round waits for
+    all ``num-partitions`` SuperNodes. ``output-dir`` is the runner's.
+    """
+    from bastion.config import RunConfig
+
+    overrides: dict[str, Any] = {
+        "num-server-rounds": env_int(env, "BASTION_ROUNDS", 3, minimum=1),
+        "dataset": env.get("BASTION_DATASET", "").strip() or "digits",
+        "aggregator": env.get("BASTION_AGGREGATOR", "").strip() or "median",
+        "num-byzantine": env_int(env, "BASTION_NUM_BYZANTINE", layout.malicious),
+        "seed": layout.seed,
+        "min-available-nodes": layout.total,
+        "min-train-nodes": layout.total,
+    }
+    extra = parse_overrides(env.get("BASTION_RUN_CONFIG", ""))
+    if "output-dir" in extra:
+        raise ConfigError(
+            "environment variable BASTION_RUN_CONFIG: key 'output-dir' is set by the runner; "
+            "use BASTION_RUN_NAME (a folder name under the results folder) instead"
+        )
+    overrides |= extra
+    overrides["output-dir"] = str(output_dir)
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise ConfigError(
+            f"environment variable BASTION_RUN_CONFIG: unknown key(s) {unknown}; known keys: "
+            + ", ".join(RunConfig.keys())
+        )
+    RunConfig.from_flat(dict(defaults) | overrides)
+    return overrides
+
+
+def flwr_connection_toml(address: str, tls: bool, ca_file: Path) -> str:
+    """``$FLWR_HOME/config.toml`` with one connection, ``compose``, to ``address``."""
+    lines = ["[superlink]", 'default = "compose"', "", "[superlink.compose]"]
+    lines.append(f'address = "{address}"')
+    if tls:
+        lines += [f'root-certificates = "{ca_file}"', "insecure = false"]
+    else:
+        lines.append("insecure = true")
+    return "\n".join(lines) + "\n"
+
+
+def run_name(env: Mapping[str, str], dataset: str, results: Path) -> str:
+    """``BASTION_RUN_NAME``, or a fresh ``<UTC time>-<dataset>`` folder name."""
+    name = env.get("BASTION_RUN_NAME", "").strip()
+    if name:
+        if "/" in name or name in (".", "..", "latest"):
+            raise ConfigError(
+                f"environment variable BASTION_RUN_NAME: value {name!r} is not allowed; "
+                "allowed: a folder name (no '/'), not 'latest'"
+            )
+        return name
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    name, n = f"{stamp}-{dataset}", 1
+    while (results / name).exists():
+        n += 1
+        name = f"{stamp}-{dataset}-{n}"
+    return name
+
+
+def _stream(
+    cmd: list[str], env: Mapping[str, str], log_path: Path, timeout: float
+) -> tuple[int, bool]:
+    """Run ``cmd``, copying its output to stdout and ``log_path``; kill it after ``timeout``.
+
+    Returns ``(exit code, timed out)``.
+    """
+    timed_out = threading.Event()
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=dict(env), bufsize=0
+        )
+
+        def kill() -> None:
+            timed_out.set()
+            proc.kill()
+
+        timer = threading.Timer(timeout, kill)
+        timer.start()
+        try:
+            assert proc.stdout is not None
+            for line in iter(proc.stdout.readline, b""):
+                sys.stdout.buffer.write(line)
+                sys.stdout.flush()
+                log.write(line)
+            return proc.wait(), timed_out.is_set()
+        finally:
+            timer.cancel()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def cmd_run(env: Mapping[str, str]) -> int:
+    """The ``runner`` service: submit the app, wait for it, check its summary."""
+    from bastion.cli import app_defaults, check_rule_fits, final_table
+    from bastion.config import RunConfig
+    from bastion.runlog import read_jsonl
+
+    layout = Layout.from_env(env)
+    tls = env_flag(env, "BASTION_TLS", True)
+    app_dir = Path(env.get("BASTION_APP_DIR", "").strip() or APP_DIR)
+    results = RESULTS_DIR
+    defaults = app_defaults(app_dir)
+    overrides = runner_run_config(layout, env, results / "pending", defaults)
+    name = run_name(env, str(overrides["dataset"]), results)
+    out_dir = results / name
+    overrides["output-dir"] = str(out_dir)
+    cfg = RunConfig.from_flat(dict(defaults) | overrides)
+    problem = check_rule_fits(cfg, layout.total)
+    if problem:
+        raise ConfigError(f"{problem}; change BASTION_AGGREGATOR / BASTION_NUM_BYZANTINE")
+    if tls:
+        _require_certificate(TRUST_DIR / "ca.crt")
+    (out_dir / "logs").mkdir(parents=True, exist_ok=True)
+    latest = results / "latest"
+    with contextlib.suppress(OSError):
+        tmp = results / ".latest.tmp"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(name)
+        os.replace(tmp, latest)
+
+    flwr_home = Path(env.get("FLWR_HOME", "").strip() or "/tmp/flwr-home")
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    control = env.get("BASTION_CONTROL", "").strip() or f"superlink:{CONTROL_PORT}"
+    (flwr_home / "config.toml").write_text(flwr_connection_toml(control, tls, TRUST_DIR / "ca.crt"))
+    proc_env = flower_env(env) | {"FLWR_HOME": str(flwr_home)}
+    host_dir = env.get("BASTION_RESULTS_HOST", "").strip()
+    where = f"{host_dir.rstrip('/')}/{name}" if host_dir else str(out_dir)
+    print(
+        f"bastion runner: {layout.honest} honest + {layout.malicious} malicious SuperNodes"
+        + (f" + {layout.external} outside compose" if layout.external else "")
+        + f", {cfg.num_server_rounds} rounds of {cfg.dataset}, aggregator {cfg.aggregator}, "
+        f"TLS {'on' if tls else 'OFF'}; results in {where}",
+        flush=True,
+    )
+    cmd = [
+        "flwr",
+        "run",
+        str(app_dir),
+        "compose",
+        "--stream",
+        "--run-config",
+        format_overrides(overrides),
+    ]
+    timeout = float(env_int(env, "BASTION_RUN_TIMEOUT", 3600, minimum=1))
+    started = time.monotonic()
+    code, timed_out = _stream(cmd, proc_env, out_dir / "logs" / "flwr-run.log", timeout)
+    summary_path = out_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    if timed_out:
+        print(f"bastion runner: the run did not finish within {timeout:.0f} s", file=sys.stderr)
+        return 1
+    if summary.get("status") != "completed":
+        print(
+            f"bastion runner: the run did not complete (flwr run exited {code}): "
+            f"{summary.get('error', 'no summary.json written')}",
+            file=sys.stderr,
+        )
+        return 1
+    print(final_table(read_jsonl(out_dir / "metrics.jsonl")))
+    print(
+        f"bastion runner: final accuracy {summary['final_accuracy']:.4f} after "
+        f"{summary['rounds']} rounds ({time.monotonic() - started:.0f} s); results in {where}",
+        flush=True,
+    )
+    return 0
+
+
+# ------------------------------------------------------------------------- main
+def make_parser() -> argparse.ArgumentParser:
+    """The ``python -m bastion.container`` command line."""
+    p = argparse.ArgumentParser(
+        prog="python -m bastion.container",
+        description="Entry points of Bastion's containers (see docker/README.md).",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("setup", help="folders for the runtime user and TLS certificates (as root)")
+    certs = sub.add_parser("certs", help="a CA and SuperLink certificate in a folder")
+    certs.add_argument("--out", type=Path, required=True, help="folder for ca/, superlink/, ...")
+    certs.add_argument(
+        "--san",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name or IP address of the SuperLink (repeatable)",
+    )
+    sub.add_parser("superlink", help="flower-superlink with TLS (Fleet 9092, Control 9093)")
+    node = sub.add_parser("supernode", help="claim a partition, then run flower-supernode")
+    node.add_argument("--role", required=True, choices=ROLES)
+    sub.add_parser("run", help="submit the app with flwr run and check its results")
+    pr = sub.add_parser("probe", help="exit 0 when every HOST:PORT accepts TCP connections")
+    pr.add_argument("addresses", nargs="+", metavar="HOST:PORT")
+    return p
+
+
+def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> int:
+    """Run one subcommand; configuration errors print one clear line and exit 2."""
+    args = make_parser().parse_args(argv)
+    env = dict(os.environ if env is None else env)
+    commands: dict[str, Callable[[], int]] = {
+        "setup": lambda: cmd_setup(env),
+        "certs": lambda: cmd_certs(getattr(args, "out", Path()), getattr(args, "san", [])),
+        "superlink": lambda: cmd_superlink(env),
+        "supernode": lambda: cmd_supernode(getattr(args, "role", ""), env),
+        "run": lambda: cmd_run(env),
+    }
+    try:
+        if args.command == "probe":
+            down = probe(args.addresses)
+            if down:
+                print(f"not listening: {', '.join(down)}", file=sys.stderr)
+            return 1 if down else 0
+        return commands[args.command]()
+    except (ConfigError, NoFreePartition) as exc:
+        print(f"bastion {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

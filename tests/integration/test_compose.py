@@ -1,0 +1,278 @@
+"""The compose federation end to end: images from a local wheelhouse, 3 honest + 1
+malicious SuperNodes over TLS, 2 rounds on digits, results on a host folder.
+
+Runs on a private Docker engine that ``../shared/ci/docker-env.sh`` starts (it
+installs Debian's engine and Compose v2 and makes a local ``python:3.11-slim`` base
+image; no registry is needed). Needs root, like that script. The images are built
+with ``docker compose build`` from ``docker/wheelhouse/``, which
+``docker/fill-wheelhouse.sh`` fills with the local CPU torch wheel. Everything the
+test creates in the engine (containers, volumes, network) is removed at the end,
+also on failure, and the engine is stopped again when the test started it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import ssl
+import statistics
+import subprocess
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from bastion.federation import free_port
+from client.malicious import malicious_partitions
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKER_ENV = Path(
+    os.environ.get("BASTION_DOCKER_ENV_SCRIPT", ROOT.parent / "shared" / "ci" / "docker-env.sh")
+)
+HONEST, MALICIOUS, ROUNDS = 3, 1, 2
+IMAGE = "bastion:compose-test"
+
+
+def _run(
+    cmd: Sequence[str | os.PathLike[str]], env: dict[str, str], timeout: float, what: str
+) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd``; fail the test with its output when it fails or times out."""
+    try:
+        res = subprocess.run(
+            [str(c) for c in cmd],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout or ""
+        out = out.decode(errors="replace") if isinstance(out, bytes) else out
+        pytest.fail(f"{what} did not finish within {timeout:.0f} s; output tail:\n{out[-4000:]}")
+    if res.returncode != 0:
+        pytest.fail(
+            f"{what} failed ({res.returncode}): {' '.join(map(str, cmd))}\n"
+            f"stdout tail:\n{res.stdout[-4000:]}\nstderr tail:\n{res.stderr[-4000:]}"
+        )
+    return res
+
+
+def _engine_env() -> dict[str, str]:
+    """``docker-env.sh start``'s ``export DOCKER_HOST=... DOCKER_CONFIG=...`` as a dict."""
+    if not DOCKER_ENV.is_file():
+        pytest.fail(
+            f"the CI Docker helper {DOCKER_ENV} does not exist: this test needs the "
+            "project's ../shared/ci/docker-env.sh next to the repository (or "
+            "BASTION_DOCKER_ENV_SCRIPT naming it) to start a private Docker engine"
+        )
+    res = _run(["bash", DOCKER_ENV, "start"], dict(os.environ), 900, "docker-env.sh start")
+    exports = [line for line in res.stdout.splitlines() if line.startswith("export ")]
+    assert exports, f"docker-env.sh start printed no export line:\n{res.stdout}"
+    pairs = dict(item.split("=", 1) for item in exports[-1].removeprefix("export ").split())
+    assert {"DOCKER_HOST", "DOCKER_CONFIG"} <= set(pairs), exports[-1]
+    return pairs
+
+
+def _engine_answers(env: dict[str, str]) -> bool:
+    try:
+        res = subprocess.run(["docker", "info"], env=env, capture_output=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return res.returncode == 0
+
+
+def _tls_handshake(port: int, ca_file: Path, hostname: str) -> str:
+    """TLS-connect to 127.0.0.1:``port`` trusting only ``ca_file``; the TLS version."""
+    ctx = ssl.create_default_context(cafile=str(ca_file))
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=15) as raw,
+        ctx.wrap_socket(raw, server_hostname=hostname) as tls,
+    ):
+        return str(tls.version())
+
+
+def _compose_run(
+    tmp_path: Path, engine: dict[str, str], timings: dict[str, float]
+) -> tuple[int | None, str, Path, dict[str, str]]:
+    """Build, bring up, wait for the runner, collect logs, and always tear down.
+
+    Returns the runner's exit code, what ``docker compose wait`` said, the compose log
+    file and what ``down`` left behind.
+    """
+    # the test's own settings only: no BASTION_*/COMPOSE_* from the caller's shell
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BASTION_", "COMPOSE_"))}
+    env |= engine
+    fleet_port, control_port = free_port(), free_port()
+    results = tmp_path / "results"
+    env |= {
+        "BASTION_IMAGE": IMAGE,
+        "BASTION_TORCH_SOURCE": "wheelhouse",  # the local wheel, never a download
+        "BASTION_HONEST": str(HONEST),
+        "BASTION_MALICIOUS": str(MALICIOUS),
+        "BASTION_ATTACK": "ipm",
+        "BASTION_ATTACK_CONFIG": "attack-epsilon=0.1",
+        "BASTION_ROUNDS": str(ROUNDS),
+        "BASTION_DATASET": "digits",
+        "BASTION_AGGREGATOR": "median",
+        "BASTION_RUN_CONFIG": "local-steps=10",
+        "BASTION_RUN_NAME": "ci",
+        "BASTION_RUN_TIMEOUT": "600",
+        "BASTION_RESULTS": str(results),
+        "BASTION_FLEET_PUBLISH": f"127.0.0.1:{fleet_port}",
+        "BASTION_CONTROL_PUBLISH": f"127.0.0.1:{control_port}",
+    }
+    project = f"bastion-test-{uuid.uuid4().hex[:8]}"
+    compose = [
+        "docker",
+        "compose",
+        "--project-directory",
+        ROOT,
+        "-f",
+        ROOT / "docker-compose.yml",
+        "--env-file",
+        ROOT / ".env.example",
+        "-p",
+        project,
+    ]
+    logs = tmp_path / "compose.log"
+    leftovers: dict[str, str] = {}
+    try:
+        _run(["bash", ROOT / "docker" / "fill-wheelhouse.sh"], env, 120, "fill-wheelhouse.sh")
+        t0 = time.monotonic()
+        _run([*compose, "build"], env, 900, "docker compose build")
+        timings["image build"] = time.monotonic() - t0
+
+        t0 = time.monotonic()
+        _run([*compose, "up", "--detach"], env, 420, "docker compose up")
+        timings["up (until the runner started)"] = time.monotonic() - t0
+
+        # The SuperLink speaks TLS on both published ports, with a certificate for its
+        # compose name that chains to the CA the setup service made.
+        ca = tmp_path / "ca.crt"
+        _run(
+            [*compose, "cp", "superlink:/var/lib/bastion/tls/ca.crt", ca],
+            env,
+            60,
+            "docker compose cp",
+        )
+        assert _tls_handshake(fleet_port, ca, "superlink").startswith("TLS")
+        assert _tls_handshake(control_port, ca, "superlink").startswith("TLS")
+        with pytest.raises(ssl.SSLCertVerificationError):
+            _tls_handshake(fleet_port, ca, "not-the-superlink.example.org")
+
+        t0 = time.monotonic()
+        waited = subprocess.run(
+            [*map(str, compose), "wait", "runner"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=720,
+        )
+        timings["run (runner exit)"] = time.monotonic() - t0
+        logs.write_text(
+            subprocess.run(
+                [*map(str, compose), "logs", "--no-color"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            ).stdout
+        )
+        # "container <id> exited with status code N"
+        found = re.search(r"status code (-?\d+)", waited.stdout)
+        runner_exit = int(found.group(1)) if found else None
+        wait_text = f"{waited.stdout.strip()} {waited.stderr.strip()}"
+    finally:
+        t0 = time.monotonic()
+        subprocess.run(
+            [*map(str, compose), "down", "--volumes", "--remove-orphans", "--timeout", "10"],
+            env=env,
+            capture_output=True,
+            timeout=300,
+        )
+        timings["down"] = time.monotonic() - t0
+        label = f"label=com.docker.compose.project={project}"
+        for kind in ("ps -a", "volume ls", "network ls"):
+            out = subprocess.run(
+                ["docker", *kind.split(), "--filter", label, "-q"],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            ).stdout.strip()
+            if out:
+                leftovers[kind] = out
+        # dangling images left by rebuilds of the test image (the build cache stays)
+        subprocess.run(["docker", "image", "prune", "-f"], env=env, capture_output=True)
+    return runner_exit, wait_text, logs, leftovers
+
+
+def test_compose_federation_with_a_malicious_node(tmp_path) -> None:
+    timings: dict[str, float] = {}
+    default_root = os.environ.get("BASTION_DOCKER_ROOT", "/var/lib/bastion-docker")
+    probe_env = dict(os.environ, DOCKER_HOST=f"unix://{default_root}/docker.sock")
+    engine_was_running = _engine_answers(probe_env)
+    if not engine_was_running and os.geteuid() != 0:
+        pytest.fail(
+            "the compose test starts a private Docker engine with ../shared/ci/docker-env.sh, "
+            f"which needs root (this is uid {os.geteuid()}); run the suite as root, as CI does"
+        )
+    started = time.monotonic()
+    try:
+        engine = _engine_env()
+        timings["engine start"] = time.monotonic() - started
+        runner_exit, wait_text, logs, leftovers = _compose_run(tmp_path, engine, timings)
+    finally:
+        if not engine_was_running:
+            subprocess.run(
+                ["bash", DOCKER_ENV, "stop"], env=dict(os.environ), capture_output=True, timeout=120
+            )
+        timings["whole test"] = time.monotonic() - started
+        print("compose test timings (s):", json.dumps({k: round(v) for k, v in timings.items()}))
+
+    results = tmp_path / "results"
+    log_tail = "\n".join(logs.read_text().splitlines()[-60:]) if logs.exists() else ""
+    assert leftovers == {}, f"docker compose down left these behind: {leftovers}"
+    assert runner_exit == 0, (
+        f"runner exited {runner_exit!r} ({wait_text}); compose logs:\n{log_tail}"
+    )
+
+    run_dir = results / "ci"
+    assert (results / "latest").resolve() == run_dir.resolve()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed", summary
+    assert summary["rounds"] == ROUNDS
+    assert summary["num_clients"] == HONEST + MALICIOUS
+    for name in ("metrics.jsonl", "diagnostics.jsonl", "config.json", "accuracy_loss.png"):
+        assert (run_dir / name).stat().st_size > 0, name
+    assert (run_dir / "checkpoints" / f"round-{ROUNDS:04d}.pt").exists()
+    assert "round 2/2" in (run_dir / "logs" / "flwr-run.log").read_text()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == list(range(ROUNDS + 1))
+    assert all(r["num_malicious_accepted"] == MALICIOUS for r in rows[1:])
+
+    # Every node took part in every round under its own partition, and the malicious
+    # node's IPM updates (-0.1 x its honest estimate) show in the diagnostics.
+    diags = [json.loads(line) for line in (run_dir / "diagnostics.jsonl").read_text().splitlines()]
+    n = HONEST + MALICIOUS
+    bad_ids = set(malicious_partitions(n, MALICIOUS, 0))
+    for rnd in range(1, ROUNDS + 1):
+        this = [d for d in diags if d["round"] == rnd]
+        assert sorted(d["partition_id"] for d in this) == list(range(n)), this
+        assert all(d["status"] == "accepted" for d in this), this
+        bad = [d for d in this if d["malicious"]]
+        assert {d["partition_id"] for d in bad} == bad_ids, this
+        honest_norm = statistics.median(d["update_norm"] for d in this if not d["malicious"])
+        for d in bad:
+            assert d["cosine_to_aggregate"] < 0, d
+            assert d["update_norm"] < 0.5 * honest_norm, (d, honest_norm)
+    assert summary["final_accuracy"] > 0.5, summary
+    runner_log = [line for line in log_tail.splitlines() if line.startswith("runner")]
+    assert any("TLS on" in line for line in logs.read_text().splitlines()), runner_log
