@@ -145,6 +145,14 @@ class LocalFederation:
         self.processes.append(proc)
         return proc
 
+    def _wait_listening(self, port: int, timeout: float, popen: subprocess.Popen[bytes]) -> None:
+        """Wait until the SuperLink listens on ``port`` (hook for other network setups)."""
+        wait_for_port(self.host, port, timeout, popen)
+
+    def _supernode_port_args(self) -> list[str]:
+        """Each SuperNode on this host needs its own ClientAppIo port."""
+        return ["--port", str(free_port(self.host))]
+
     def start(self, startup_timeout: float = 60.0) -> None:
         """Start the SuperLink, wait for its ports, then start the SuperNodes."""
         link = self._start(
@@ -161,8 +169,8 @@ class LocalFederation:
                 f"{self.host}:{self.fleet_port}",
             ],
         )
-        wait_for_port(self.host, self.fleet_port, startup_timeout, link.popen)
-        wait_for_port(self.host, self.http_port, startup_timeout, link.popen)
+        for port in (self.fleet_port, self.http_port):
+            self._wait_listening(port, startup_timeout, link.popen)
         for pid in range(self.num_supernodes):
             node_cfg = {"partition-id": pid, "num-partitions": self.num_supernodes}
             node_cfg |= dict(self.node_config.get(pid, {}))
@@ -173,8 +181,7 @@ class LocalFederation:
                     "--insecure",
                     "--superlink",
                     f"{self.host}:{self.fleet_port}",
-                    "--port",
-                    str(free_port(self.host)),
+                    *self._supernode_port_args(),
                     "--node-config",
                     format_overrides(node_cfg),
                 ],

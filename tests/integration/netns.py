@@ -29,8 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from bastion.config import format_overrides
-from bastion.federation import LocalFederation, ManagedProcess, flower_bin
+from bastion.federation import LocalFederation, ManagedProcess
 
 SUBNET = "10.77.0"
 BRIDGE = "br0"
@@ -285,45 +284,12 @@ class NetnsFederation(LocalFederation):
         host = self.topology.hosts[self.host_of(name)]
         return super()._start(name, [*host.exec_prefix(), *args])
 
-    def start(self, startup_timeout: float = 60.0) -> None:
-        """Start the SuperLink on its host, wait for its APIs, then one SuperNode per node host."""
-        link = self._start(
-            "superlink",
-            [
-                flower_bin("flower-superlink"),
-                "--insecure",
-                "--disable-runtime-dependency-installation",
-                "--host",
-                self.host,
-                "--port",
-                str(self.http_port),
-                "--fleet-api-address",
-                f"{self.host}:{self.fleet_port}",
-            ],
-        )
-        for port in (self.fleet_port, self.http_port):
-            self.topology.wait_listening("superlink", self.host, port, startup_timeout, link.popen)
-        for pid in range(self.num_supernodes):
-            node_cfg = {"partition-id": pid, "num-partitions": self.num_supernodes}
-            node_cfg |= dict(self.node_config.get(pid, {}))
-            self._start(
-                f"supernode-{pid}",
-                [
-                    flower_bin("flower-supernode"),
-                    "--insecure",
-                    "--superlink",
-                    f"{self.host}:{self.fleet_port}",
-                    "--node-config",
-                    format_overrides(node_cfg),
-                ],
-            )
-        (self.flwr_home / "config.toml").write_text(
-            "[superlink]\n"
-            'default = "bastion-local"\n\n'
-            "[superlink.bastion-local]\n"
-            f'address = "{self.host}:{self.http_port}"\n'
-            "insecure = true\n"
-        )
+    def _wait_listening(self, port: int, timeout: float, popen: subprocess.Popen[bytes]) -> None:
+        # the SuperLink listens inside its own namespace: look there
+        self.topology.wait_listening("superlink", self.host, port, timeout, popen)
+
+    def _supernode_port_args(self) -> list[str]:
+        return []  # every SuperNode has a namespace, and so its ports, to itself
 
     def log_of(self, name: str) -> str:
         """The log of process ``name`` so far (empty before it wrote anything)."""
