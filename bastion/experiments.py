@@ -290,6 +290,9 @@ def cell_row(cell: Cell, cell_dir: Path) -> dict[str, Any]:
         "status": "infeasible" if cell.infeasible else summary.get("status", "missing"),
         "final_accuracy": summary.get("final_accuracy"),
         "best_accuracy": max((r.get("central_accuracy", 0.0) for r in rows), default=None),
+        # under non-IID data the accuracy swings by ~0.1 from round to round: the mean
+        # of the last rounds says more than the last one alone
+        f"last{TAIL_ROUNDS}_mean_accuracy": _tail_mean(rows),
         "rounds": len(rows),
         "mean_malicious_influence": sum(infl) / len(infl) if infl else None,
         "skipped_aggregations": sum(1 for r in rows if r.get("aggregation_error")),
@@ -297,6 +300,16 @@ def cell_row(cell: Cell, cell_dir: Path) -> dict[str, Any]:
         "note": cell.infeasible,
         "dir": cell_dir.name,
     }
+
+
+#: rounds averaged in the ``last<N>_mean_accuracy`` column and pivot
+TAIL_ROUNDS = 5
+
+
+def _tail_mean(rows: list[dict[str, Any]]) -> float | None:
+    accs = [r["central_accuracy"] for r in rows if r.get("central_accuracy") is not None]
+    tail = accs[-TAIL_ROUNDS:]
+    return sum(tail) / len(tail) if tail else None
 
 
 def write_tables(
@@ -321,7 +334,8 @@ def write_tables(
     shown = [k for k in keys if k != "dir"]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(fmt(r.get(k)) for k in shown) + " |" for r in rows]
-    md = "\n".join(lines) + "\n" + pivot_tables(results) + sweep_tables(sweeps, out)
+    md = "\n".join(lines) + "\n" + pivot_tables(results)
+    md += pivot_tables(results, tail=True) + sweep_tables(sweeps, out)
     (out / "results.md").write_text(md)
     return rows
 
@@ -355,9 +369,10 @@ def _fmt(value: Any, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
-def pivot_tables(results: list[tuple[Cell, Path, bool]]) -> str:
-    """Markdown tables of final accuracy, attacks x defences, one per partitioner
-    (main grid only; a defence is every other label, e.g. aggregator and resampling)."""
+def pivot_tables(results: list[tuple[Cell, Path, bool]], tail: bool = False) -> str:
+    """Markdown tables of final accuracy (``tail``: the mean accuracy of the last
+    :data:`TAIL_ROUNDS` rounds), attacks x defences, one per partitioner (main grid
+    only; a defence is every other label, e.g. aggregator and resampling)."""
     main = [(c, d) for c, d, _ in results if c.group == "main" and "attack" in c.labels]
     if not main:
         return ""
@@ -381,10 +396,17 @@ def pivot_tables(results: list[tuple[Cell, Path, bool]]) -> str:
             key = " ".join(
                 f"{k}={v}" if k != "aggregator" else v for k, v in c.labels.items() if k not in skip
             )
-            acc = _summary(d).get("final_accuracy") if cell_done(d) else None
+            acc = None
+            if cell_done(d):
+                acc = (
+                    cell_row(c, d)[f"last{TAIL_ROUNDS}_mean_accuracy"]
+                    if tail
+                    else (_summary(d).get("final_accuracy"))
+                )
             shown = f"{acc:.3f}" if acc is not None else "–"
             table[c.labels["attack"]][key] = "n/a" if c.infeasible else shown
-        out.append(f"\n### Final accuracy, partitioner = {part}\n")
+        what = f"Mean accuracy of the last {TAIL_ROUNDS} rounds" if tail else "Final accuracy"
+        out.append(f"\n### {what}, partitioner = {part}\n")
         out.append("(– not run yet; n/a: the rule cannot run with this many clients)\n")
         out.append("| attack | " + " | ".join(defences) + " |")
         out.append("|---|" + "---|" * len(defences))

@@ -125,6 +125,14 @@ def test_grid_resumes_and_reports(tmp_path: Path) -> None:
     pivot = md.split("### Final accuracy, partitioner = iid\n")[1].split("###")[0]
     assert "| attack | mean | krum |" in pivot
     assert "| none | 0.700 | 0.700 |" in pivot and "| ipm 0.1 | 0.100 | 0.100 |" in pivot
+    # and the mean of the last rounds (1 and 2: 0.4 and 0.7), steadier under non-IID data
+    tail = md.split("### Mean accuracy of the last 5 rounds, partitioner = iid\n")[1]
+    assert "| none | 0.550 | 0.550 |" in tail.split("###")[0]
+    assert all(
+        float(r["last5_mean_accuracy"]) == pytest.approx(0.55)
+        for r in table
+        if r["attack"] == "none"
+    )
 
     plots = {p.name for p in plot_grid(results, out)}
     assert plots == {
