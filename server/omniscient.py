@@ -69,9 +69,10 @@ class OmniscientAdversary:
     def tamper(self, replies: list[Message], global_arrays: ArrayRecord, round_seed: int) -> int:
         """Rewrite, in place, the update of every well-formed reply flagged malicious.
 
-        The attack's ``known`` rows are the well-formed honest replies' deltas in
-        partition-id order. Returns how many replies were rewritten (0 when the
-        attack is a data attack such as label flip, or when no honest reply exists).
+        The attack's ``known`` rows are the well-formed honest replies' finite deltas
+        in partition-id order. Returns how many replies were rewritten (0 when the
+        attack is a data attack such as label flip, or when no usable honest reply
+        exists).
         """
         if self.cfg.attack in ("none", "label-flip"):
             return 0
@@ -96,6 +97,11 @@ class OmniscientAdversary:
         known = torch.stack(
             [layout.flatten(m.content.array_records["arrays"]) - base for _, m in honest]
         )
+        # A diverged honest node's update (nan/inf) is one the strategy rejects: the
+        # attackers know it is useless and compute from the others.
+        known = known[torch.isfinite(known).all(dim=1)]
+        if len(known) == 0:
+            return 0
         params = self._params(len(replies), len(malicious), round_seed)
         update = build_attack(self.cfg.attack, **params)(known)
         crafted = layout.add_scaled(global_arrays, update, 1.0)

@@ -28,13 +28,13 @@ def test_refused_on_a_real_federation_grid() -> None:
     assert running_in_simulation(simulation_grid())
 
 
-def _round(attack: str, **extra: object):
+def _round(attack: str, deltas: tuple[float, ...] = (0.5, 1.5, 4.0), **extra: object):
     cfg = RunConfig.from_flat(CFG | {"attack": attack} | extra)
     glob = model_arrays()
     record = ArrayRecord(OrderedDict((k, Array(v)) for k, v in glob.items()))
     honest = [
         reply(i, model_arrays(d), {"num-examples": 5, "partition-id": i})
-        for i, d in ((1, 0.5), (2, 1.5), (3, 4.0))
+        for i, d in enumerate(deltas, start=1)
     ]
     bad = [
         reply(9 + i, model_arrays(0.25), {"num-examples": 5, "partition-id": 9 + i, "malicious": 1})
@@ -59,4 +59,17 @@ def test_mimic_copies_the_target_honest_update_and_label_flip_is_left_alone() ->
     assert np.allclose(bad[0].content["arrays"].to_numpy_ndarrays()[0], glob["weight"] + 4.0)
     n, bad, glob = _round("label-flip")
     assert n == 0
+    assert np.allclose(bad[0].content["arrays"].to_numpy_ndarrays()[0], glob["weight"] + 0.25)
+
+
+def test_a_diverged_honest_update_is_left_out_of_what_the_attackers_know() -> None:
+    """A nan/inf honest update (a diverged node; the strategy rejects it) must not end
+    the run: the attack is computed from the finite ones (seen in the grid: Krum under
+    mimic on label-sorted data diverged and the attack raised on the nan row)."""
+    n, bad, glob = _round("ipm", (0.5, float("nan"), 1.5), **{"attack-epsilon": 0.5})
+    assert n == 2  # mean of 0.5 and 1.5 -> -0.5 * 1.0
+    got = bad[0].content["arrays"].to_numpy_ndarrays()[0]
+    assert np.allclose(got, glob["weight"] - 0.5)
+    n, bad, glob = _round("mimic", (float("inf"), float("nan")))
+    assert n == 0  # nothing usable: the replies stay as they are (the strategy judges them)
     assert np.allclose(bad[0].content["arrays"].to_numpy_ndarrays()[0], glob["weight"] + 0.25)
