@@ -424,7 +424,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
         ]
     rows = write_tables(results, out, grid.sweeps)
     plots = plot_grid(results, out, grid.sweeps)
-    done = sum(ok for _, _, ok in results)
+    done = sum(ok for c, _, ok in results if not c.infeasible)
     infeasible = sum(bool(c.infeasible) for c, _, _ in results)
     print(
         f"grid: {done}/{len(results) - infeasible} cells completed"
