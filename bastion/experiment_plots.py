@@ -24,20 +24,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bastion.experiments import Cell, Sweep, cell_row
+from bastion.experiments import Cell, Sweep, cell_row, defence
 from bastion.runlog import read_jsonl
 
 PANEL_KEYS = ("partitioner", "attack")
-IGNORED = ("seed",)
-
-
-def _defence(cell: Cell) -> str:
-    parts = [
-        f"{k}={v}" if k not in ("aggregator",) else v
-        for k, v in cell.labels.items()
-        if k not in PANEL_KEYS + IGNORED
-    ]
-    return " ".join(parts) or "default"
 
 
 def _panel(cell: Cell) -> str:
@@ -75,7 +65,7 @@ def plot_grid(
         by_part[c.labels.get("partitioner", "all")].append((c, d))
     for part, members in sorted(by_part.items()):
         attacks = list(dict.fromkeys(c.labels.get("attack", "-") for c, _ in members))
-        defences = list(dict.fromkeys(_defence(c) for c, _ in members))
+        defences = list(dict.fromkeys(defence(c) for c, _ in members))
         grid = [[math.nan] * len(defences) for _ in attacks]
         for c, d in members:
             try:
@@ -83,7 +73,7 @@ def plot_grid(
             except (OSError, ValueError):
                 acc = None
             if acc is not None:
-                grid[attacks.index(c.labels.get("attack", "-"))][defences.index(_defence(c))] = acc
+                grid[attacks.index(c.labels.get("attack", "-"))][defences.index(defence(c))] = acc
         fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(defences), 1.0 + 0.45 * len(attacks)))
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_xticks(range(len(defences)), defences, rotation=60, ha="right", fontsize=7)
@@ -152,7 +142,7 @@ def _privacy_plot(done: list[tuple[Cell, Path]], path: Path) -> Path:
     import matplotlib.pyplot as plt
     from matplotlib.transforms import blended_transform_factory
 
-    defences = list(dict.fromkeys(_defence(c) for c, _ in done))
+    defences = list(dict.fromkeys(defence(c) for c, _ in done))
     attacks = list(dict.fromkeys(c.labels.get("attack", "-") for c, _ in done))
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     x = list(range(len(defences)))
@@ -162,7 +152,7 @@ def _privacy_plot(done: list[tuple[Cell, Path]], path: Path) -> Path:
         for c, d in done:
             if c.labels.get("attack", "-") != attack:
                 continue
-            j = defences.index(_defence(c))
+            j = defences.index(defence(c))
             row = cell_row(c, d)
             acc[j] = math.nan if row["final_accuracy"] is None else row["final_accuracy"]
             # "inf" (a run without noise) reads back as inf
@@ -243,7 +233,7 @@ def _curves(
         for c, d in members:
             m = [r for r in read_jsonl(d / "metrics.jsonl") if r.get("round", 0) >= first_round]
             if any(r.get(key) is not None for r in m):
-                ax.plot([r["round"] for r in m], [r.get(key) for r in m], label=_defence(c), lw=1.1)
+                ax.plot([r["round"] for r in m], [r.get(key) for r in m], label=defence(c), lw=1.1)
         ax.set_title(name, fontsize=9)
         ax.set_ylim(*ylim)
         ax.set_xlabel("round", fontsize=8)

@@ -334,15 +334,17 @@ def write_tables(
     shown = [k for k in keys if k != "dir"]
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(fmt(r.get(k)) for k in shown) + " |" for r in rows]
-    md = "\n".join(lines) + "\n" + pivot_tables(results)
-    md += pivot_tables(results, tail=True) + sweep_tables(sweeps, out)
-    (out / "results.md").write_text(md)
+    by_slug = {c.slug: row for (c, _, _), row in zip(results, rows, strict=True)}
+    md = "\n".join(lines) + "\n"
+    md += "".join(pivot_tables([c for c, _, _ in results], by_slug, m) for m in PIVOTS)
+    (out / "results.md").write_text(md + sweep_tables(sweeps, by_slug))
     return rows
 
 
-def sweep_tables(sweeps: Sequence[Sweep], out: Path) -> str:
+def sweep_tables(sweeps: Sequence[Sweep], rows: Mapping[str, dict[str, Any]]) -> str:
     """One Markdown table per sweep: the swept value against final and best accuracy,
-    the malicious updates' mean share of the aggregate and the largest DP epsilon."""
+    the malicious updates' mean share of the aggregate and the largest DP epsilon
+    (``rows``: :func:`cell_row` by cell slug)."""
     parts = []
     for sweep in sweeps:
         fixed = ", ".join(f"{k}={v}" for k, v in sweep.fixed.items())
@@ -353,7 +355,7 @@ def sweep_tables(sweeps: Sequence[Sweep], out: Path) -> str:
             "|---|---|---|---|---|",
         ]
         for value, cell in sweep.points:
-            row = cell_row(cell, out / "cells" / cell.slug)
+            row = rows[cell.slug]
             done = row["status"] == "completed"
             shown = [
                 _fmt(row[k], ".3f") if done else ("n/a" if cell.infeasible else "–")
@@ -369,44 +371,47 @@ def _fmt(value: Any, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
-def pivot_tables(results: list[tuple[Cell, Path, bool]], tail: bool = False) -> str:
-    """Markdown tables of final accuracy (``tail``: the mean accuracy of the last
-    :data:`TAIL_ROUNDS` rounds), attacks x defences, one per partitioner (main grid
-    only; a defence is every other label, e.g. aggregator and resampling)."""
-    main = [(c, d) for c, d, _ in results if c.group == "main" and "attack" in c.labels]
+#: The pivot tables of ``results.md``: a :func:`cell_row` column and its title.
+PIVOTS = {
+    "final_accuracy": "Final accuracy",
+    f"last{TAIL_ROUNDS}_mean_accuracy": f"Mean accuracy of the last {TAIL_ROUNDS} rounds",
+}
+
+#: Labels that place a cell in a pivot row or table, not in its defence.
+NOT_DEFENCE = ("partitioner", "attack", "seed")
+
+
+def defence(cell: Cell) -> str:
+    """A cell's defence: every label but its partitioner, attack and seed (the
+    aggregator by its value alone, the others as ``key=value``)."""
+    parts = [
+        f"{k}={v}" if k != "aggregator" else v
+        for k, v in cell.labels.items()
+        if k not in NOT_DEFENCE
+    ]
+    return " ".join(parts) or "default"
+
+
+def pivot_tables(
+    cells: Sequence[Cell], rows: Mapping[str, dict[str, Any]], metric: str = "final_accuracy"
+) -> str:
+    """Markdown tables of ``metric`` (a :data:`PIVOTS` key), attacks x defences, one
+    per partitioner (main grid only; ``rows``: :func:`cell_row` by cell slug)."""
+    main = [c for c in cells if c.group == "main" and "attack" in c.labels]
     if not main:
         return ""
-    skip = ("attack", "partitioner", "seed")
     out = []
-    for part in dict.fromkeys(c.labels.get("partitioner", "all") for c, _ in main):
-        cells = [(c, d) for c, d in main if c.labels.get("partitioner", "all") == part]
-        attacks = list(dict.fromkeys(c.labels["attack"] for c, _ in cells))
-        defences = list(
-            dict.fromkeys(
-                " ".join(
-                    f"{k}={v}" if k != "aggregator" else v
-                    for k, v in c.labels.items()
-                    if k not in skip
-                )
-                for c, _ in cells
-            )
-        )
+    for part in dict.fromkeys(c.labels.get("partitioner", "all") for c in main):
+        members = [c for c in main if c.labels.get("partitioner", "all") == part]
+        attacks = list(dict.fromkeys(c.labels["attack"] for c in members))
+        defences = list(dict.fromkeys(defence(c) for c in members))
         table = {a: dict.fromkeys(defences, "–") for a in attacks}
-        for c, d in cells:
-            key = " ".join(
-                f"{k}={v}" if k != "aggregator" else v for k, v in c.labels.items() if k not in skip
-            )
-            acc = None
-            if cell_done(d):
-                acc = (
-                    cell_row(c, d)[f"last{TAIL_ROUNDS}_mean_accuracy"]
-                    if tail
-                    else (_summary(d).get("final_accuracy"))
-                )
-            shown = f"{acc:.3f}" if acc is not None else "–"
-            table[c.labels["attack"]][key] = "n/a" if c.infeasible else shown
-        what = f"Mean accuracy of the last {TAIL_ROUNDS} rounds" if tail else "Final accuracy"
-        out.append(f"\n### {what}, partitioner = {part}\n")
+        for c in members:
+            row = rows[c.slug]
+            value = row[metric] if row["status"] == "completed" else None
+            shown = f"{value:.3f}" if value is not None else "–"
+            table[c.labels["attack"]][defence(c)] = "n/a" if c.infeasible else shown
+        out.append(f"\n### {PIVOTS[metric]}, partitioner = {part}\n")
         out.append("(– not run yet; n/a: the rule cannot run with this many clients)\n")
         out.append("| attack | " + " | ".join(defences) + " |")
         out.append("|---|" + "---|" * len(defences))
