@@ -259,6 +259,9 @@ def _run(grid: Grid, cfg: RunConfig, results: RunResults, batch_cell: int = -1) 
             round_seconds,
         )
 
+    # with DP, max_epsilon (null when every node refused) and dp_delta are always there
+    epsilon = results.max_epsilon()
+    dp_fields = {"max_epsilon": epsilon, "dp_delta": cfg.dp_delta}
     summary = results.write_summary(
         status="completed",
         dataset=cfg.dataset,
@@ -266,11 +269,7 @@ def _run(grid: Grid, cfg: RunConfig, results: RunResults, batch_cell: int = -1) 
         aggregator=cfg.aggregator,
         num_clients=num_clients,
         seed=cfg.seed,
-        **(
-            {"max_epsilon": results.max_epsilon(), "dp_delta": cfg.dp_delta}
-            if cfg.dp or results.max_epsilon() is not None
-            else {}
-        ),
+        **(dp_fields if cfg.dp or epsilon is not None else {}),
     )
     log(
         INFO,
