@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from bastion.federation import free_port
+from bastion.runlog import read_jsonl
 from client.malicious import malicious_partitions
 
 pytestmark = pytest.mark.integration
@@ -254,13 +255,13 @@ def test_compose_federation_with_a_malicious_node(tmp_path) -> None:
         assert (run_dir / name).stat().st_size > 0, name
     assert (run_dir / "checkpoints" / f"round-{ROUNDS:04d}.pt").exists()
     assert "round 2/2" in (run_dir / "logs" / "flwr-run.log").read_text()
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = read_jsonl(run_dir / "metrics.jsonl")
     assert [r["round"] for r in rows] == list(range(ROUNDS + 1))
     assert all(r["num_malicious_accepted"] == MALICIOUS for r in rows[1:])
 
     # Every node took part in every round under its own partition, and the malicious
     # node's IPM updates (-0.1 x its honest estimate) show in the diagnostics.
-    diags = [json.loads(line) for line in (run_dir / "diagnostics.jsonl").read_text().splitlines()]
+    diags = read_jsonl(run_dir / "diagnostics.jsonl")
     n = HONEST + MALICIOUS
     bad_ids = set(malicious_partitions(n, MALICIOUS, 0))
     for rnd in range(1, ROUNDS + 1):
