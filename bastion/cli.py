@@ -64,6 +64,7 @@ def build_run_config(args: argparse.Namespace, app_dir: Path) -> tuple[RunConfig
         "num-byzantine": args.num_byzantine,
         "num-malicious": getattr(args, "malicious", None),
         "attack": getattr(args, "attack", None),
+        "resume": True if getattr(args, "resume", False) else None,
     }
     overrides |= {k: v for k, v in flags.items() if v is not None}
     overrides.setdefault("min-available-nodes", args.clients)
@@ -220,6 +221,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.resume:
+        from server.results import load_latest_checkpoint, rewind_run_dir
+
+        if (ckpt := load_latest_checkpoint(run_dir)) is not None:
+            # what the ServerApp does first (idempotent): progress below starts from here
+            rewind_run_dir(run_dir, ckpt)
+            print(f"bastion: resuming {run_dir} after round {ckpt.round} ({ckpt.path.name})")
     threads = args.torch_threads or max(1, (os.cpu_count() or 1) // args.clients)
     print(
         f"bastion: {args.clients} SuperNodes + 1 SuperLink on loopback (gRPC Fleet API), "
@@ -227,7 +235,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
 
     previous = signal.signal(signal.SIGTERM, _term_as_interrupt)
-    fed = LocalFederation(args.clients, run_dir / "logs", torch_threads=threads)
+    insecure = bool(getattr(args, "insecure", False))
+    if insecure:
+        print(
+            "bastion: WARNING: --insecure: no TLS and no SuperNode authentication; traffic is "
+            "plain text and any process that reaches the Fleet port can join as a SuperNode",
+            file=sys.stderr,
+        )
+    fed = LocalFederation(args.clients, run_dir / "logs", torch_threads=threads, insecure=insecure)
     rows: list[dict[str, Any]] = []
     started = time.monotonic()
     try:
@@ -319,16 +334,101 @@ def _checked_run_config(
             file=sys.stderr,
         )
         return None
-    problem = check_rule_fits(cfg, args.clients)
+    problem = check_rule_fits(cfg, args.clients) or resume_problem(args, cfg)
     if problem:
         print(f"bastion: {problem}", file=sys.stderr)
         return None
     return app_dir, cfg, overrides
 
 
+def resume_problem(args: argparse.Namespace, cfg: RunConfig) -> str | None:
+    """Why ``resume = true`` cannot continue the run in ``--output-dir``, or ``None``.
+
+    What the ServerApp checks, before any process starts: an output folder to continue,
+    a checkpoint there that reads back (none: the run starts at round 1), and a run
+    config that matches the checkpoint's (:func:`server.results.check_resume_config`).
+    """
+    if not cfg.resume:
+        return None
+    if not args.output_dir:
+        return "--resume (key 'resume') needs --output-dir: the folder of the run to continue"
+    from server.results import CheckpointError, check_resume_config, load_latest_checkpoint
+
+    try:
+        ckpt = load_latest_checkpoint(cfg.output_dir)
+        if ckpt is not None:
+            check_resume_config(ckpt.config, cfg.to_flat(), ckpt.round)
+    except (CheckpointError, ConfigError) as exc:
+        return str(exc)
+    return None
+
+
 def _term_as_interrupt(signum: int, _frame: object) -> None:
     """SIGTERM (``kill``, a container stop) takes the same clean-up path as Ctrl-C."""
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """``bastion keys``: CA, SuperLink certificate and node key pairs, then the next steps."""
+    from bastion import security
+
+    out = Path(args.out).resolve()
+    try:
+        if args.nodes < 0:
+            raise security.SecurityError(
+                f"--nodes: value {args.nodes} is not allowed; allowed: 0 or more"
+            )
+        extra = [n for item in args.san for n in security.parse_sans(item, source="--san")]
+        sans = security.default_sans([e.partition(":")[2] for e in extra])
+        files = security.ensure_federation_files(out, args.nodes, sans)
+    except security.SecurityError as exc:
+        print(f"bastion keys: {exc}", file=sys.stderr)
+        return 2
+    print(keys_report(files))
+    return 0
+
+
+def keys_report(files: Any) -> str:
+    """What ``bastion keys`` made, where, and the commands that use it."""
+    cert = files.certificates
+    d = files.root
+    lines = [
+        f"CA ({cert.ca}):                 {d / 'ca' / 'ca.crt'}  (key {d / 'ca' / 'ca.key'}: "
+        "keep it off the SuperLink if you can)",
+        f"SuperLink certificate ({cert.server}): {d / 'superlink' / 'server.crt'}  for "
+        + ", ".join(cert.sans),
+        f"SuperLink key:                  {d / 'superlink' / 'server.key'}",
+        f"CA certificate for SuperNodes and flwr: {files.ca_cert}",
+    ]
+    for key in files.nodes:
+        lines.append(
+            f"SuperNode {key.index} ({key.state}): private {key.private_key}  public "
+            f"{key.public_key}"
+        )
+    local = ("DNS:localhost", "IP:127.0.0.1", "IP:::1")
+    server = next((s.partition(":")[2] for s in cert.sans if s not in local), "localhost")
+    lines += [
+        "",
+        "Next:",
+        "1. SuperLink (copy superlink/ to its host; the Control API stays on loopback):",
+        "   flower-superlink " + " ".join(files.superlink_args()),
+        "     --disable-runtime-dependency-installation --fleet-api-address 0.0.0.0:9092 "
+        "--host 127.0.0.1 --port 9093",
+        "2. flwr connection on the SuperLink host ($FLWR_HOME/config.toml):",
+        '   [superlink.bastion]  address = "127.0.0.1:9093"',
+        f'   root-certificates = "{files.ca_cert}"',
+        "3. Register every SuperNode's public key (keeps its node id across restarts):",
+    ]
+    pubs = [str(k.public_key) for k in files.nodes] or [str(d / "nodes" / "node-<i>.pub")]
+    lines += [f"   flwr supernode register {p} bastion" for p in pubs]
+    lines += [
+        "4. Each SuperNode (copy supernode/ca.crt and its own node-<i>.key to it):",
+        f"   flower-supernode --superlink {server}:9092 --root-certificates ca.crt "
+        "--auth-supernode-private-key node-<i>.key \\",
+        '     --node-config "partition-id=<i> num-partitions=<N>"',
+        "Revoke a node: flwr supernode unregister <node-id> bastion (see docs/SECURITY.md)",
+    ]
+    return "\n".join(lines)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -524,6 +624,12 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--output-dir", help="results directory (default: a new folder in ./runs/)")
     p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --output-dir from its newest checkpoint (run-config "
+        "resume=true; the config must match the checkpoint's, see docs/RELIABILITY.md)",
+    )
+    p.add_argument(
         "--run-config",
         default="",
         help='more run-config keys, e.g. "lr=0.05 alpha=0.1" (flwr run syntax)',
@@ -558,8 +664,34 @@ def make_parser() -> argparse.ArgumentParser:
         "this app with `flwr run`, show each round, print a final table, stop every process.",
     )
     run.add_argument("--clients", type=int, default=10, help="number of SuperNodes (default 10)")
+    run.add_argument(
+        "--insecure",
+        action="store_true",
+        help="turn off TLS and SuperNode authentication (on by default; see docs/SECURITY.md)",
+    )
     _add_run_flags(run)
     run.set_defaults(func=cmd_run)
+
+    keys = sub.add_parser(
+        "keys",
+        help="make a CA, the SuperLink certificate and SuperNode key pairs",
+        description="Make (or reuse) a certificate authority, a SuperLink TLS certificate for "
+        "the given names/addresses and one P-384 key pair per SuperNode, and print the "
+        "SuperLink, SuperNode and registration commands (see docs/SECURITY.md).",
+    )
+    keys.add_argument("--out", required=True, help="folder for ca/, superlink/, supernode/, nodes/")
+    keys.add_argument(
+        "--nodes", type=int, default=0, help="SuperNode key pairs to make (default 0)"
+    )
+    keys.add_argument(
+        "--san",
+        action="append",
+        default=[],
+        metavar="HOST_OR_IP",
+        help="a name or address SuperNodes use to reach the SuperLink (repeatable; "
+        "localhost, 127.0.0.1 and this host's name are always included)",
+    )
+    keys.set_defaults(func=cmd_keys)
 
     sim = sub.add_parser(
         "simulate",

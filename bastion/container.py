@@ -1,27 +1,33 @@
 """Entry points of Bastion's containers: ``python -m bastion.container COMMAND``.
 
-``docker-compose.yml`` runs one image in five roles; each is a subcommand here:
+``docker-compose.yml`` runs one image in six roles; each is a subcommand here:
 
 ``setup``
     One-shot, as root: creates the shared folders (partition slots, privacy
     ledgers, the colluders' side channel, the results folder) owned by the
-    runtime user, and unless ``BASTION_TLS=0`` makes a certificate authority
-    and a SuperLink certificate (:func:`ensure_certificates`; reused on later
-    starts, re-issued by the same CA when the requested names change).
+    runtime user, and unless ``BASTION_INSECURE=1`` makes a certificate authority,
+    a SuperLink certificate and one P-384 node key pair per partition
+    (:mod:`bastion.security`; all reused on later starts, the server certificate
+    re-issued by the same CA when the requested names change).
 ``superlink``
-    ``flower-superlink`` with TLS, its Fleet API (gRPC) on 9092 and its
-    Control/Runtime API (HTTP) on 9093.
+    ``flower-superlink`` with TLS and SuperNode authentication, its Fleet API (gRPC)
+    on 9092 and its Control/Runtime API (HTTP) on 9093.
+``register``
+    One-shot, once the SuperLink is healthy and before any SuperNode starts:
+    registers every partition's public key through the Control API (idempotent).
 ``supernode --role honest|malicious``
     Claims a free data partition (:func:`claim_partition`), then becomes
-    ``flower-supernode`` with ``--node-config "partition-id=... num-partitions=...
-    role=..."`` (plus the attack for a malicious node).
+    ``flower-supernode`` with that partition's private key and ``--node-config
+    "partition-id=... num-partitions=... role=..."`` (plus the attack for a malicious
+    node).
 ``run``
     The one-shot runner: submits the app with ``flwr run`` over TLS, streams the
     ServerApp's log, and exits 0 only when the run's ``summary.json`` says
     ``completed`` (the ServerApp, inside the SuperLink container, writes the
     results into the mounted results folder).
 ``certs --out DIR [--san NAME ...]``
-    The same CA and SuperLink certificate for a federation without compose.
+    The same CA and SuperLink certificate for a federation without compose
+    (``bastion keys`` also makes node key pairs).
 ``probe HOST:PORT ...``
     Healthcheck: exits 0 when every address accepts TCP connections.
 
@@ -42,9 +48,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import fcntl
-import ipaddress
 import json
 import os
 import socket
@@ -57,6 +61,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bastion import security
 from bastion.config import ConfigError, NodeConfig, format_overrides, parse_overrides
 
 FLEET_PORT = 9092
@@ -66,6 +71,7 @@ STATE_ROOT = Path("/var/lib/bastion")
 CA_DIR = STATE_ROOT / "ca"  # CA key and certificate (only the setup service mounts it)
 SERVER_TLS_DIR = STATE_ROOT / "tls"  # SuperLink certificate, key and the CA certificate
 TRUST_DIR = STATE_ROOT / "trust"  # the CA certificate alone, for SuperNodes and the runner
+NODE_KEYS_DIR = STATE_ROOT / "node-keys"  # node-<partition>.key/.pub, one pair per partition
 SLOTS_DIR = STATE_ROOT / "slots"
 LEDGER_DIR = STATE_ROOT / "state"
 COLLUSION_DIR = STATE_ROOT / "collusion"
@@ -247,224 +253,45 @@ def node_config(
 
 
 # ------------------------------------------------------------------ certificates
+# One implementation of certificates and node keys: bastion.security.
+CertificateReport = security.CertificateReport
+ensure_certificates = security.ensure_certificates
+
+
 def parse_sans(text: str, source: str = "environment variable BASTION_TLS_SANS") -> list[str]:
-    """Subject alternative names from ``"name,1.2.3.4,DNS:host,IP:::1"`` (comma/space separated).
+    """:func:`bastion.security.parse_sans` with errors naming ``BASTION_TLS_SANS``."""
+    return security.parse_sans(text, source=source)
 
-    Returns them as ``DNS:...`` / ``IP:...`` strings; a bare value is an IP address
-    when it parses as one, otherwise a DNS name.
+
+def insecure_mode(env: Mapping[str, str]) -> bool:
+    """``BASTION_INSECURE`` (default 0): 1 turns off TLS *and* SuperNode authentication.
+
+    ``BASTION_TLS``, the older switch, is refused unless empty or 1, so that an old
+    ``BASTION_TLS=0`` does not silently mean something else.
     """
-    out: list[str] = []
-    for item in text.replace(",", " ").split():
-        upper = item.upper()
-        kind, value = "", item
-        if upper.startswith(("DNS:", "IP:")):
-            kind, _, value = item.partition(":")
-            kind = kind.upper()
-        if kind == "IP" or (not kind and _is_ip(value)):
-            if not _is_ip(value):
-                raise ConfigError(
-                    f"{source}: value {item!r} is not allowed; "
-                    "allowed: an IPv4/IPv6 address after 'IP:'"
-                )
-            entry = f"IP:{ipaddress.ip_address(value)}"
-        else:
-            if not value or not all(part and _dns_label(part) for part in value.split(".")):
-                raise ConfigError(
-                    f"{source}: value {item!r} is not allowed; "
-                    "allowed: host names (letters, digits, '-', '*.' prefix) or IP addresses"
-                )
-            entry = f"DNS:{value.lower()}"
-        if entry not in out:
-            out.append(entry)
-    return out
+    legacy = env.get("BASTION_TLS", "").strip()
+    if legacy not in ("", "1"):
+        raise ConfigError(
+            f"environment variable BASTION_TLS: value {legacy!r} is not allowed; it was "
+            "replaced by BASTION_INSECURE (1 = no TLS and no SuperNode authentication)"
+        )
+    return env_flag(env, "BASTION_INSECURE", False)
 
 
-def _is_ip(value: str) -> bool:
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        return False
-    return True
-
-
-def _dns_label(label: str) -> bool:
-    return label == "*" or (
-        len(label) <= 63
-        and all(c.isalnum() or c == "-" for c in label)
-        and not label.startswith("-")
-        and not label.endswith("-")
+def warn_insecure(service: str) -> None:
+    """The warning every service prints when ``BASTION_INSECURE=1``."""
+    print(
+        f"bastion {service}: WARNING: BASTION_INSECURE=1: no TLS and no SuperNode "
+        "authentication; traffic is plain text and anything that reaches the Fleet port can "
+        "join as a SuperNode. Use only on a trusted network.",
+        file=sys.stderr,
+        flush=True,
     )
 
 
-@dataclass(frozen=True)
-class CertificateReport:
-    """What :func:`ensure_certificates` did: ``created``/``reused`` per file set."""
-
-    ca: str
-    server: str
-    sans: tuple[str, ...]
-
-
-def ensure_certificates(
-    ca_dir: Path,
-    server_dir: Path,
-    trust_dir: Path,
-    sans: Sequence[str],
-    *,
-    owner: tuple[int, int] | None = None,
-    now: dt.datetime | None = None,
-    ca_days: int = 3650,
-    server_days: int = 825,
-) -> CertificateReport:
-    """Make (or keep) a CA and a SuperLink server certificate for ``sans``.
-
-    Files: ``ca_dir/ca.key`` + ``ca.crt`` (the CA, private to the setup service);
-    ``server_dir/server.key`` + ``server.crt`` + ``ca.crt`` (the SuperLink's
-    ``--ssl-keyfile``/``--ssl-certfile``/``--ssl-ca-certfile``);
-    ``trust_dir/ca.crt`` (SuperNodes' ``--root-certificates``, the runner's
-    ``root-certificates``). An existing CA is kept while it is valid for 30 more
-    days, so certificates handed to edge devices stay valid; the server
-    certificate is re-issued when it does not chain to that CA, expires within 30
-    days or lacks one of ``sans`` (``DNS:name`` / ``IP:addr`` strings). ``owner``
-    (uid, gid) gets the server key so that a non-root SuperLink can read it; the
-    CA key stays with the user running this.
-    RSA-3072 keys, SHA-256 signatures.
-    """
-    from cryptography import x509
-    from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = now or dt.datetime.now(dt.UTC)
-    margin = dt.timedelta(days=30)
-    for d in (ca_dir, server_dir, trust_dir):
-        d.mkdir(parents=True, exist_ok=True)
-    pem = serialization.Encoding.PEM
-
-    def write(path: Path, data: bytes, mode: int, give: bool = False) -> None:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(data)
-        os.chmod(tmp, mode)
-        if give and owner is not None and os.geteuid() == 0:
-            os.chown(tmp, *owner)
-        os.replace(tmp, path)
-
-    def new_key() -> rsa.RSAPrivateKey:
-        return rsa.generate_private_key(public_exponent=65537, key_size=3072)
-
-    def key_bytes(key: rsa.RSAPrivateKey) -> bytes:
-        return key.private_bytes(
-            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-
-    def valid(cert: x509.Certificate) -> bool:
-        return cert.not_valid_before_utc <= now and cert.not_valid_after_utc > now + margin
-
-    # ---- the CA
-    ca_key_path, ca_crt_path = ca_dir / "ca.key", ca_dir / "ca.crt"
-    ca_state = "reused"
-    ca_key: Any = None
-    ca_cert: x509.Certificate | None = None
-    if ca_key_path.exists() and ca_crt_path.exists():
-        ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
-        ca_cert = x509.load_pem_x509_certificate(ca_crt_path.read_bytes())
-        if not valid(ca_cert):
-            ca_cert = None
-    if ca_cert is None:
-        ca_state = "created"
-        ca_key = new_key()
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Bastion federation CA")])
-        ca_cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(ca_key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=ca_days))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-            .sign(ca_key, hashes.SHA256())
-        )
-        write(ca_key_path, key_bytes(ca_key), 0o600)
-        write(ca_crt_path, ca_cert.public_bytes(pem), 0o644)
-    ca_pem = ca_cert.public_bytes(pem)
-
-    # ---- the SuperLink's certificate
-    wanted = list(dict.fromkeys(sans))
-    general = [
-        x509.IPAddress(ipaddress.ip_address(s[3:])) if s.startswith("IP:") else x509.DNSName(s[4:])
-        for s in wanted
-    ]
-    crt_path, key_path = server_dir / "server.crt", server_dir / "server.key"
-    server_state = "reused"
-    reissue = True
-    if crt_path.exists() and key_path.exists() and ca_state == "reused":
-        cert = x509.load_pem_x509_certificate(crt_path.read_bytes())
-        try:
-            cert.verify_directly_issued_by(ca_cert)
-            have = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            reissue = not valid(cert) or any(g not in have for g in general)
-        except (ValueError, TypeError, InvalidSignature, x509.ExtensionNotFound):
-            reissue = True
-    if reissue:
-        server_state = "created"
-        key = new_key()
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(
-                x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, wanted[0].partition(":")[2])])
-            )
-            .issuer_name(ca_cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=server_days))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.SubjectAlternativeName(general), critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=True,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), False
-            )
-            .sign(ca_key, hashes.SHA256())
-        )
-        write(key_path, key_bytes(key), 0o600, give=True)
-        write(crt_path, cert.public_bytes(pem), 0o644, give=True)
-    elif owner is not None and os.geteuid() == 0:  # the runtime user may have changed
-        for path in (key_path, crt_path):
-            os.chown(path, *owner)
-    write(server_dir / "ca.crt", ca_pem, 0o644)
-    write(trust_dir / "ca.crt", ca_pem, 0o644)
-    return CertificateReport(ca_state, server_state, tuple(wanted))
+def node_key_file(pid: int) -> Path:
+    """The private key of the SuperNode holding partition ``pid`` (made by ``setup``)."""
+    return security.node_key_paths(NODE_KEYS_DIR, pid)[0]
 
 
 # ------------------------------------------------------------------------ setup
@@ -497,18 +324,32 @@ def prepare_results(results: Path, owner: tuple[int, int]) -> None:
 
 
 def cmd_setup(env: Mapping[str, str]) -> int:
-    """The ``setup`` service: folders for the runtime user, then certificates."""
+    """The ``setup`` service: folders for the runtime user, certificates, node keys.
+
+    Unless ``BASTION_INSECURE=1``: the CA and SuperLink certificate
+    (:func:`bastion.security.ensure_certificates`) and one P-384 key pair per
+    partition, ``NODE_KEYS_DIR/node-<id>.key|.pub`` for ids ``0 .. N-1`` (the compose
+    SuperNodes' and the external ones'), owned by the runtime user. Everything is
+    reused on later starts.
+    """
     owner = (env_int(env, "BASTION_UID", 1000), env_int(env, "BASTION_GID", 1000))
+    layout = Layout.from_env(env)
+    insecure = insecure_mode(env)
     prepare_dirs([SLOTS_DIR, LEDGER_DIR, COLLUSION_DIR], owner)
     prepare_results(RESULTS_DIR, owner)
-    if not env_flag(env, "BASTION_TLS", True):
-        print("bastion setup: BASTION_TLS=0, no certificates (insecure federation)")
+    if insecure:
+        warn_insecure("setup")
+        print("bastion setup: no certificates and no node keys (BASTION_INSECURE=1)")
         return 0
     sans = parse_sans(" ".join(DEFAULT_SANS) + " " + env.get("BASTION_TLS_SANS", ""))
     report = ensure_certificates(CA_DIR, SERVER_TLS_DIR, TRUST_DIR, sans, owner=owner)
+    prepare_dirs([NODE_KEYS_DIR], owner)
+    keys = security.ensure_node_keys(NODE_KEYS_DIR, range(layout.total), owner=owner)
+    made = [k.index for k in keys if k.state == "created"]
     print(
         f"bastion setup: CA {report.ca}, SuperLink certificate {report.server} for "
-        f"{', '.join(report.sans)}"
+        f"{', '.join(report.sans)}; node key pairs for partitions 0..{layout.total - 1} "
+        f"({len(made)} new) in {NODE_KEYS_DIR}"
     )
     return 0
 
@@ -518,7 +359,8 @@ def cmd_certs(out: Path, sans: Sequence[str]) -> int:
 
     ``out/ca/`` (keep private), ``out/superlink/`` (the SuperLink's ``--ssl-*``
     files), ``out/supernode/ca.crt`` (every SuperNode's ``--root-certificates``,
-    and ``flwr``'s ``root-certificates``).
+    and ``flwr``'s ``root-certificates``). ``bastion keys`` does the same and makes
+    node key pairs too.
     """
     names = parse_sans(" ".join([*DEFAULT_SANS, *sans]), source="--san")
     report = ensure_certificates(out / "ca", out / "superlink", out / "supernode", names)
@@ -527,6 +369,43 @@ def cmd_certs(out: Path, sans: Sequence[str]) -> int:
         f"{', '.join(report.sans)} in {out / 'superlink'}; SuperNodes trust "
         f"{out / 'supernode' / 'ca.crt'}"
     )
+    return 0
+
+
+def cmd_register(env: Mapping[str, str], attempts: int = 30) -> int:
+    """The ``register`` service: register every partition's public key with the SuperLink.
+
+    Runs once the SuperLink is healthy and before any SuperNode starts; idempotent (a
+    key already registered keeps its node id), so ``docker compose up`` may run it
+    again. Keys of ``BASTION_EXTERNAL_NODES`` partitions are registered too: hand
+    ``node-<id>.key`` to that device. Retries while the Control API is not ready yet.
+    """
+    layout = Layout.from_env(env)
+    if insecure_mode(env):
+        warn_insecure("register")
+        print("bastion register: nothing to register (BASTION_INSECURE=1)")
+        return 0
+    _require_certificate(TRUST_DIR / "ca.crt")
+    pubs = [security.node_key_paths(NODE_KEYS_DIR, pid)[1] for pid in range(layout.total)]
+    for pub in pubs:
+        _require_certificate(pub)
+    control = env.get("BASTION_CONTROL", "").strip() or f"superlink:{CONTROL_PORT}"
+    for attempt in range(1, attempts + 1):
+        try:
+            ids = security.register_nodes(control, TRUST_DIR / "ca.crt", pubs)
+            break
+        except security.SecurityError:
+            raise
+        except Exception as exc:  # the Control API may still be starting
+            if attempt == attempts:
+                raise ConfigError(
+                    f"cannot reach the SuperLink's Control API at {control} (BASTION_CONTROL) "
+                    f"after {attempts} attempts: {exc}"
+                ) from exc
+            time.sleep(1.0)
+    for pid, pub in enumerate(pubs):
+        kind = "external" if pid >= layout.in_compose else "compose"
+        print(f"bastion register: partition {pid} ({kind}): node id {ids[pub]} ({pub.name})")
     return 0
 
 
@@ -543,7 +422,11 @@ def flower_env(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def superlink_command(tls: bool) -> list[str]:
-    """``flower-superlink``: Fleet API on 0.0.0.0:9092, Control/Runtime API on 0.0.0.0:9093."""
+    """``flower-superlink``: Fleet API on 0.0.0.0:9092, Control/Runtime API on 0.0.0.0:9093.
+
+    ``tls``: TLS with the setup service's certificate and SuperNode authentication
+    (only registered keys may join); otherwise ``--insecure`` (neither).
+    """
     cmd = ["flower-superlink", "--disable-runtime-dependency-installation"]
     if tls:
         cmd += [
@@ -553,6 +436,7 @@ def superlink_command(tls: bool) -> list[str]:
             str(SERVER_TLS_DIR / "server.crt"),
             "--ssl-keyfile",
             str(SERVER_TLS_DIR / "server.key"),
+            "--enable-supernode-auth",
         ]
     else:
         cmd.append("--insecure")
@@ -567,10 +451,21 @@ def superlink_command(tls: bool) -> list[str]:
     ]
 
 
-def supernode_command(superlink: str, tls: bool, cfg: Mapping[str, Any]) -> list[str]:
-    """``flower-supernode`` reaching ``superlink`` (host:port) with node config ``cfg``."""
+def supernode_command(
+    superlink: str, tls: bool, cfg: Mapping[str, Any], key: Path | None = None
+) -> list[str]:
+    """``flower-supernode`` reaching ``superlink`` (host:port) with node config ``cfg``.
+
+    ``tls``: trust the setup service's CA and sign with the private ``key`` (this
+    partition's identity); otherwise ``--insecure``.
+    """
     cmd = ["flower-supernode", "--superlink", superlink]
-    cmd += ["--root-certificates", str(TRUST_DIR / "ca.crt")] if tls else ["--insecure"]
+    if tls:
+        cmd += ["--root-certificates", str(TRUST_DIR / "ca.crt")]
+        if key is not None:
+            cmd += ["--auth-supernode-private-key", str(key)]
+    else:
+        cmd.append("--insecure")
     return [
         *cmd,
         "--node-config",
@@ -589,16 +484,18 @@ def _exec(cmd: list[str], env: Mapping[str, str]) -> int:
 def _require_certificate(path: Path) -> None:
     if not path.exists():
         raise ConfigError(
-            f"TLS is on (BASTION_TLS=1) but {path} does not exist; the setup service makes "
-            "it (`docker compose up` runs it first)"
+            f"TLS and node authentication are on (BASTION_INSECURE=0) but {path} does not "
+            "exist; the setup service makes it (`docker compose up` runs it first)"
         )
 
 
 def cmd_superlink(env: Mapping[str, str]) -> int:
     """The ``superlink`` service."""
-    tls = env_flag(env, "BASTION_TLS", True)
+    tls = not insecure_mode(env)
     if tls:
         _require_certificate(SERVER_TLS_DIR / "server.key")
+    else:
+        warn_insecure("superlink")
     return _exec(superlink_command(tls), flower_env(env))
 
 
@@ -609,13 +506,18 @@ def cmd_supernode(role: str, env: Mapping[str, str]) -> int:
     if role not in ROLES:
         raise ConfigError(f"--role: value {role!r} is not allowed; allowed: one of {ROLES}")
     layout = Layout.from_env(env)
-    tls = env_flag(env, "BASTION_TLS", True)
+    tls = not insecure_mode(env)
     if tls:
         _require_certificate(TRUST_DIR / "ca.crt")
+    else:
+        warn_insecure("supernode")
     candidates = layout.partitions(role)
     pid, fd = claim_partition(SLOTS_DIR, candidates, socket.gethostname())
     os.set_inheritable(fd, True)  # the lock lives as long as flower-supernode
     cfg = node_config(layout, role, pid, env)
+    key = node_key_file(pid) if tls else None
+    if key is not None:
+        _require_certificate(key)
     out = flower_env(env)
     cores = os.cpu_count() or 1
     # compose passes unset variables as empty strings: those count as unset too
@@ -631,7 +533,7 @@ def cmd_supernode(role: str, env: Mapping[str, str]) -> int:
         f"({role} partitions: {list(candidates)})",
         flush=True,
     )
-    return _exec(supernode_command(superlink, tls, cfg), out)
+    return _exec(supernode_command(superlink, tls, cfg, key), out)
 
 
 def probe(addresses: Sequence[str], timeout: float = 2.0) -> list[str]:
@@ -689,13 +591,7 @@ def runner_run_config(
 
 def flwr_connection_toml(address: str, tls: bool, ca_file: Path) -> str:
     """``$FLWR_HOME/config.toml`` with one connection, ``compose``, to ``address``."""
-    lines = ["[superlink]", 'default = "compose"', "", "[superlink.compose]"]
-    lines.append(f'address = "{address}"')
-    if tls:
-        lines += [f'root-certificates = "{ca_file}"', "insecure = false"]
-    else:
-        lines.append("insecure = true")
-    return "\n".join(lines) + "\n"
+    return security.flwr_connection_toml("compose", address, ca_file if tls else None)
 
 
 def run_name(env: Mapping[str, str], dataset: str, results: Path) -> str:
@@ -756,7 +652,9 @@ def cmd_run(env: Mapping[str, str]) -> int:
     from bastion.runlog import read_jsonl
 
     layout = Layout.from_env(env)
-    tls = env_flag(env, "BASTION_TLS", True)
+    tls = not insecure_mode(env)
+    if not tls:
+        warn_insecure("runner")
     app_dir = Path(env.get("BASTION_APP_DIR", "").strip() or APP_DIR)
     results = RESULTS_DIR
     defaults = app_defaults(app_dir)
@@ -789,7 +687,7 @@ def cmd_run(env: Mapping[str, str]) -> int:
         f"bastion runner: {layout.honest} honest + {layout.malicious} malicious SuperNodes"
         + (f" + {layout.external} outside compose" if layout.external else "")
         + f", {cfg.num_server_rounds} rounds of {cfg.dataset}, aggregator {cfg.aggregator}, "
-        f"TLS {'on' if tls else 'OFF'}; results in {where}",
+        f"TLS and node authentication {'on' if tls else 'OFF'}; results in {where}",
         flush=True,
     )
     cmd = [
@@ -844,6 +742,7 @@ def make_parser() -> argparse.ArgumentParser:
         help="a host name or IP address of the SuperLink (repeatable)",
     )
     sub.add_parser("superlink", help="flower-superlink with TLS (Fleet 9092, Control 9093)")
+    sub.add_parser("register", help="register every partition's node key with the SuperLink")
     node = sub.add_parser("supernode", help="claim a partition, then run flower-supernode")
     node.add_argument("--role", required=True, choices=ROLES)
     sub.add_parser("run", help="submit the app with flwr run and check its results")
@@ -860,6 +759,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
         "setup": lambda: cmd_setup(env),
         "certs": lambda: cmd_certs(getattr(args, "out", Path()), getattr(args, "san", [])),
         "superlink": lambda: cmd_superlink(env),
+        "register": lambda: cmd_register(env),
         "supernode": lambda: cmd_supernode(getattr(args, "role", ""), env),
         "run": lambda: cmd_run(env),
     }
@@ -870,7 +770,7 @@ def main(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
                 print(f"not listening: {', '.join(down)}", file=sys.stderr)
             return 1 if down else 0
         return commands[args.command]()
-    except (ConfigError, NoFreePartition) as exc:
+    except (ConfigError, NoFreePartition) as exc:  # SecurityError is a ConfigError
         print(f"bastion {args.command}: {exc}", file=sys.stderr)
         return 2
 

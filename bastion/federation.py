@@ -11,6 +11,7 @@ normal exit, on errors and on Ctrl-C (the class is a context manager).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -20,12 +21,15 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from bastion import security
 from bastion.config import format_overrides
+
+log = logging.getLogger(__name__)
 
 
 def superexec_poll_seconds(num_supernodes: int, cores: int | None = None) -> float:
@@ -92,7 +96,16 @@ class ManagedProcess:
 
 @dataclass
 class LocalFederation:
-    """One SuperLink and ``num_supernodes`` SuperNodes as processes on loopback."""
+    """One SuperLink and ``num_supernodes`` SuperNodes as processes on loopback.
+
+    Secure by default: the SuperLink serves TLS (a CA and a server certificate for
+    ``localhost``, ``127.0.0.1``, this host's name, ``host`` and ``extra_sans``) and
+    runs with SuperNode authentication; every SuperNode gets a P-384 key pair of its
+    own, registered through the Control API before it starts. The files live in
+    ``security_dir`` (default: a private temporary folder removed by :meth:`stop`).
+    ``insecure=True`` turns TLS and authentication off (plain-text gRPC and HTTP, any
+    process that reaches the Fleet port can join) and logs a warning.
+    """
 
     num_supernodes: int
     log_dir: Path
@@ -101,6 +114,9 @@ class LocalFederation:
     torch_threads: int = 0
     env: Mapping[str, str] = field(default_factory=dict)
     processes: list[ManagedProcess] = field(default_factory=list)
+    insecure: bool = False
+    extra_sans: Sequence[str] = ()
+    security_dir: Path | None = None
 
     def __post_init__(self) -> None:
         self.log_dir = Path(self.log_dir)
@@ -111,6 +127,15 @@ class LocalFederation:
         self.tag = uuid.uuid4().hex
         self.http_port = free_port(self.host)
         self.fleet_port = free_port(self.host)
+        if self.security_dir is None:
+            self.security_dir = self.flwr_home / "security"
+        self.security_dir = Path(self.security_dir)
+        #: TLS and node-key files once :meth:`start` made them (``None`` when insecure)
+        self.security: security.FederationFiles | None = None
+        #: node id the SuperLink gave each partition's key (empty when insecure)
+        self.node_ids: dict[int, int] = {}
+        #: each SuperNode's full command line by partition id (a restart reuses it)
+        self.supernode_args: dict[int, list[str]] = {}
 
     # ----------------------------------------------------------------- processes
     def _env(self) -> dict[str, str]:
@@ -153,13 +178,37 @@ class LocalFederation:
         """Each SuperNode on this host needs its own ClientAppIo port."""
         return ["--port", str(free_port(self.host))]
 
+    def _security_files(self) -> security.FederationFiles:
+        """CA, SuperLink certificate (for ``host`` and ``extra_sans`` too) and node keys."""
+        assert self.security_dir is not None
+        sans = security.default_sans([self.host, *self.extra_sans])
+        return security.ensure_federation_files(self.security_dir, self.num_supernodes, sans)
+
+    def _supernode_security_args(self, pid: int) -> list[str]:
+        """``--insecure``, or the CA to trust and SuperNode ``pid``'s private key."""
+        if self.security is None:
+            return ["--insecure"]
+        return self.security.supernode_args(pid)
+
     def start(self, startup_timeout: float = 60.0) -> None:
-        """Start the SuperLink, wait for its ports, then start the SuperNodes."""
+        """Start the SuperLink, wait for its ports, register the node keys (unless
+        insecure), then start the SuperNodes, each with its own key."""
+        if self.insecure:
+            log.warning(
+                "INSECURE federation: no TLS and no SuperNode authentication; traffic is "
+                "plain text and any process that reaches %s:%s can join as a SuperNode",
+                self.host,
+                self.fleet_port,
+            )
+            link_security = ["--insecure"]
+        else:
+            self.security = self._security_files()
+            link_security = self.security.superlink_args()
         link = self._start(
             "superlink",
             [
                 flower_bin("flower-superlink"),
-                "--insecure",
+                *link_security,
                 "--disable-runtime-dependency-installation",
                 "--host",
                 self.host,
@@ -171,27 +220,43 @@ class LocalFederation:
         )
         for port in (self.fleet_port, self.http_port):
             self._wait_listening(port, startup_timeout, link.popen)
+        (self.flwr_home / "config.toml").write_text(
+            security.flwr_connection_toml(
+                "bastion-local",
+                f"{self.host}:{self.http_port}",
+                None if self.security is None else self.security.ca_cert,
+            )
+        )
+        if self.security is not None:
+            self.node_ids = self.register_keys(range(self.num_supernodes))
         for pid in range(self.num_supernodes):
             node_cfg = {"partition-id": pid, "num-partitions": self.num_supernodes}
             node_cfg |= dict(self.node_config.get(pid, {}))
-            self._start(
-                f"supernode-{pid}",
-                [
-                    flower_bin("flower-supernode"),
-                    "--insecure",
-                    "--superlink",
-                    f"{self.host}:{self.fleet_port}",
-                    *self._supernode_port_args(),
-                    "--node-config",
-                    format_overrides(node_cfg),
-                ],
-            )
-        (self.flwr_home / "config.toml").write_text(
-            "[superlink]\n"
-            'default = "bastion-local"\n\n'
-            "[superlink.bastion-local]\n"
-            f'address = "{self.host}:{self.http_port}"\n'
-            "insecure = true\n"
+            self.supernode_args[pid] = [
+                flower_bin("flower-supernode"),
+                *self._supernode_security_args(pid),
+                "--superlink",
+                f"{self.host}:{self.fleet_port}",
+                *self._supernode_port_args(),
+                "--node-config",
+                format_overrides(node_cfg),
+            ]
+            self._start(f"supernode-{pid}", self.supernode_args[pid])
+
+    def register_keys(self, pids: Sequence[int]) -> dict[int, int]:
+        """Register the public keys of SuperNodes ``pids`` with the running SuperLink
+        (Control API, idempotent); return partition id -> node id."""
+        if self.security is None:
+            raise RuntimeError("register_keys: this federation is insecure (no node keys)")
+        keys = {k.index: k.public_key for k in self.security.nodes if k.index in set(pids)}
+        ids = self._register(list(keys.values()))
+        return {pid: ids[path] for pid, path in keys.items()}
+
+    def _register(self, public_keys: list[Path]) -> dict[Path, int]:
+        """Register ``public_keys`` from where ``flwr`` runs (hook for other network setups)."""
+        assert self.security is not None
+        return security.register_nodes(
+            f"{self.host}:{self.http_port}", self.security.ca_cert, public_keys
         )
 
     def submit(self, app_dir: Path, run_config: Mapping[str, object]) -> ManagedProcess:
@@ -212,6 +277,100 @@ class LocalFederation:
     def dead_processes(self) -> list[ManagedProcess]:
         """Long-running processes (SuperLink, SuperNodes) that have exited."""
         return [p for p in self.processes if p.name != "flwr-run" and p.popen.poll() is not None]
+
+    # ------------------------------------------------------- crashes and restarts
+    def pids_of(self, program: str) -> list[int]:
+        """PIDs of this federation's live processes running Flower's ``program``
+        (``flwr-serverapp``, ``flwr-clientapp``, ``flower-supernode``, ...).
+
+        Found by the federation's tag, so also the processes Flower detaches (the
+        ServerApp runs in a session of its own, below the SuperLink's SuperExec).
+        """
+        found = []
+        for pid in processes_with_env(FEDERATION_TAG_VAR, self.tag):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(Path(arg.decode(errors="replace")).name == program for arg in argv[:2]):
+                found.append(pid)
+        return sorted(found)
+
+    def serverapp_pids(self) -> list[int]:
+        """PIDs of the running ServerApp processes (one per run in progress)."""
+        return self.pids_of("flwr-serverapp")
+
+    def supernode(self, partition_id: int) -> ManagedProcess:
+        """The SuperNode process last started for ``partition_id``."""
+        name = f"supernode-{partition_id}"
+        for proc in reversed(self.processes):
+            if proc.name == name:
+                return proc
+        raise KeyError(f"no SuperNode with partition-id {partition_id} was started")
+
+    def supernode_group(self, partition_id: int) -> list[int]:
+        """PIDs in SuperNode ``partition_id``'s process group: the SuperNode, its
+        SuperExec and the ClientApps it runs."""
+        return sorted(
+            pid
+            for pid in processes_with_env(FEDERATION_TAG_VAR, self.tag)
+            if _process_group(pid) == self.supernode(partition_id).popen.pid
+        )
+
+    def kill_supernode(self, partition_id: int, timeout: float = 10.0) -> list[int]:
+        """Crash SuperNode ``partition_id``: SIGKILL its whole process group (the SuperNode,
+        its SuperExec and ClientApps), so it never tells the SuperLink it leaves. Returns
+        the PIDs killed, once all of them are gone."""
+        proc = self.supernode(partition_id)
+        pids = self.supernode_group(partition_id)
+        _signal_group(proc.popen, signal.SIGKILL)
+        proc.popen.wait(timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while set(pids) & set(processes_with_env(FEDERATION_TAG_VAR, self.tag)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"SuperNode {partition_id}'s processes outlived SIGKILL")
+            time.sleep(0.05)
+        return pids
+
+    def restart_supernode(
+        self, partition_id: int, timeout: float = 120.0, retry_seconds: float = 1.0
+    ) -> ManagedProcess:
+        """Start SuperNode ``partition_id`` again with its original command line
+        (:attr:`supernode_args`) and wait until the SuperLink has activated it.
+
+        With SuperNode authentication the node comes back under its registered node id.
+        Flower 1.39's SuperLink refuses to activate a node id whose earlier session it
+        still counts online (a killed node stays online until it missed its heartbeats,
+        up to 60 s): the SuperNode then exits, and it is started again every
+        ``retry_seconds`` until the activation succeeds or ``timeout`` passes.
+        """
+        if partition_id not in self.supernode_args:
+            raise KeyError(f"no SuperNode with partition-id {partition_id} was started")
+        # without authentication the node comes back under a new id: any activation counts
+        node_id = self.node_ids.get(partition_id)
+        marker = "[Fleet.ActivateNode] Activated node_id="
+        link_log = self.log_dir / "superlink.log"
+
+        def activations() -> int:
+            lines = link_log.read_text(errors="replace").splitlines()
+            if node_id is None:
+                return sum(marker in line for line in lines)
+            return sum(line.rstrip().endswith(f"{marker}{node_id}") for line in lines)
+
+        before, deadline = activations(), time.monotonic() + timeout
+        while True:
+            proc = self._start(f"supernode-{partition_id}", self.supernode_args[partition_id])
+            while proc.popen.poll() is None and time.monotonic() < deadline:
+                if activations() > before:
+                    return proc
+                time.sleep(0.2)
+            if time.monotonic() >= deadline:
+                _signal_group(proc.popen, signal.SIGKILL)
+                raise TimeoutError(
+                    f"SuperNode {partition_id} was not activated within {timeout:.0f} s; see "
+                    f"{proc.log_path}"
+                )
+            time.sleep(retry_seconds)  # refused (still counted online): try again
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop every process group this federation started (TERM, then KILL)."""
@@ -246,6 +405,15 @@ class LocalFederation:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _process_group(pid: int) -> int | None:
+    """The process-group id of ``pid`` (Linux /proc), or None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[2])
 
 
 def _signal_group(popen: subprocess.Popen, sig: signal.Signals) -> None:

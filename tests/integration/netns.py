@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -29,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from bastion.federation import LocalFederation, ManagedProcess
+from bastion.federation import LocalFederation, ManagedProcess, flower_bin
 
 SUBNET = "10.77.0"
 BRIDGE = "br0"
@@ -290,6 +291,26 @@ class NetnsFederation(LocalFederation):
 
     def _supernode_port_args(self) -> list[str]:
         return []  # every SuperNode has a namespace, and so its ports, to itself
+
+    def _register(self, public_keys: list[Path]) -> dict[Path, int]:
+        # The Control API listens inside the SuperLink's namespace, out of this
+        # process's reach: register from there, with Flower's own CLI (`flwr supernode
+        # register KEY bastion-local`, the connection LocalFederation wrote, over TLS).
+        host = self.topology.hosts["superlink"]
+        ids: dict[Path, int] = {}
+        for key in public_keys:
+            cmd = [*host.exec_prefix(), flower_bin("flwr"), "supernode", "register"]
+            cmd += [str(key), "bastion-local", "--format", "json"]
+            done = subprocess.run(
+                cmd, capture_output=True, text=True, env=self._env(), timeout=120, check=False
+            )
+            found = re.search(r'"node-id":\s*(\d+)', done.stdout)
+            if done.returncode != 0 or found is None:
+                raise RuntimeError(
+                    f"`{' '.join(cmd)}` failed ({done.returncode}): {done.stdout}{done.stderr}"
+                )
+            ids[key] = int(found.group(1))
+        return ids
 
     def log_of(self, name: str) -> str:
         """The log of process ``name`` so far (empty before it wrote anything)."""

@@ -1,5 +1,7 @@
 """The compose federation end to end: images from a local wheelhouse, 3 honest + 1
-malicious SuperNodes over TLS, 2 rounds on digits, results on a host folder.
+malicious SuperNodes over TLS with SuperNode authentication, 2 rounds on digits,
+results on a host folder. A SuperNode started on the host with a key compose never
+registered is refused by the SuperLink.
 
 Runs on a private Docker engine that ``../shared/ci/docker-env.sh`` starts (it
 installs Debian's engine and Compose v2 and makes a local ``python:3.11-slim`` base
@@ -12,9 +14,11 @@ also on failure, and the engine is stopped again when the test started it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import signal
 import socket
 import ssl
 import statistics
@@ -26,7 +30,8 @@ from pathlib import Path
 
 import pytest
 
-from bastion.federation import free_port
+from bastion import security
+from bastion.federation import flower_bin, free_port
 from bastion.runlog import read_jsonl
 from client.malicious import malicious_partitions
 
@@ -99,6 +104,45 @@ def _tls_handshake(port: int, ca_file: Path, hostname: str) -> str:
         return str(tls.version())
 
 
+def _unregistered_supernode(tmp_path: Path, fleet_port: int, ca: Path) -> tuple[int, str]:
+    """Run a real ``flower-supernode`` on this host against the published Fleet port,
+    trusting the compose CA but signing with a fresh, never registered P-384 key.
+
+    Returns its exit code and output (it is killed after 90 s: the code is then -9).
+    """
+    (key,) = security.ensure_node_keys(tmp_path / "stranger", [0])
+    env = dict(os.environ, FLWR_HOME=str(tmp_path / "stranger-home"))
+    env |= {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    cmd = [
+        flower_bin("flower-supernode"),
+        "--superlink",
+        f"127.0.0.1:{fleet_port}",
+        "--root-certificates",
+        str(ca),
+        "--auth-supernode-private-key",
+        str(key.private_key),
+        "--port",
+        str(free_port()),
+        "--node-config",
+        "partition-id=0 num-partitions=4",
+    ]
+    log = tmp_path / "stranger.log"
+    with open(log, "wb") as out_file:
+        # a file, not a pipe: its SuperExec child keeps inherited pipes open after it exits
+        proc = subprocess.Popen(
+            cmd, stdout=out_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        # the SuperExec child outlives the SuperNode for a few seconds: end the group
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, log.read_text(errors="replace")
+
+
 def _compose_run(
     tmp_path: Path, engine: dict[str, str], timings: dict[str, float]
 ) -> tuple[int | None, str, Path, dict[str, str]]:
@@ -167,6 +211,24 @@ def _compose_run(
         assert _tls_handshake(control_port, ca, "superlink").startswith("TLS")
         with pytest.raises(ssl.SSLCertVerificationError):
             _tls_handshake(fleet_port, ca, "not-the-superlink.example.org")
+        # SuperNode authentication is on: a node whose key compose did not register is
+        # refused at activation (Flower's exit code 305), TLS being fine
+        t0 = time.monotonic()
+        code, out = _unregistered_supernode(tmp_path, fleet_port, ca)
+        timings["unregistered node refused"] = time.monotonic() - t0
+        assert code not in (0, -9) and "Failed to activate SuperNode" in out, (code, out[-3000:])
+        # the SuperLink knows exactly the compose nodes' keys; a key copied out of the
+        # (exited) register container, as docker/README.md tells edge users, is one
+        pub = tmp_path / "node-0.pub"
+        _run(
+            [*compose, "cp", "register:/var/lib/bastion/node-keys/node-0.pub", pub],
+            env,
+            60,
+            "docker compose cp from the register container",
+        )
+        listed = security.registered_nodes(f"127.0.0.1:{control_port}", ca)
+        assert len(listed) == HONEST + MALICIOUS, listed
+        assert security.public_key_pem(pub) in listed
 
         t0 = time.monotonic()
         waited = subprocess.run(
@@ -276,4 +338,14 @@ def test_compose_federation_with_a_malicious_node(tmp_path) -> None:
             assert d["update_norm"] < 0.5 * honest_norm, (d, honest_norm)
     assert summary["final_accuracy"] > 0.5, summary
     runner_log = [line for line in log_tail.splitlines() if line.startswith("runner")]
-    assert any("TLS on" in line for line in logs.read_text().splitlines()), runner_log
+    all_logs = logs.read_text().splitlines()
+    assert any("TLS and node authentication on" in line for line in all_logs), runner_log
+    # every compose partition's key was registered, each with its own node id
+    registered = [
+        re.search(r"partition (\d+) \(compose\): node id (\d+)", line) for line in all_logs
+    ]
+    ids = {int(m.group(1)): int(m.group(2)) for m in registered if m}
+    assert sorted(ids) == list(range(n)), registered
+    # each replica signed with the key of the partition it claimed
+    assert all(ids[d["partition_id"]] == d["node_id"] for d in diags), (ids, diags)
+    assert not any("SuperNode authentication is disabled" in line for line in all_logs)

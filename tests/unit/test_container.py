@@ -137,14 +137,32 @@ def test_commands_parse_with_the_installed_flower() -> None:
 
     link = _parse_args_run_superlink().parse_args(c.superlink_command(tls=True)[1:])
     assert not link.insecure and link.ssl_certfile.endswith("server.crt")
+    assert link.enable_supernode_auth  # only registered keys may join
     assert link.fleet_api_address == "0.0.0.0:9092" and link.port == 9093
-    assert _parse_args_run_superlink().parse_args(c.superlink_command(tls=False)[1:]).insecure
+    plain = _parse_args_run_superlink().parse_args(c.superlink_command(tls=False)[1:])
+    assert plain.insecure and not plain.enable_supernode_auth
     cfg = c.node_config(c.Layout(3, 1), "honest", 2, {})
     node = _parse_args_run_supernode().parse_args(
-        c.supernode_command("superlink:9092", True, cfg)[1:]
+        c.supernode_command("superlink:9092", True, cfg, c.node_key_file(2))[1:]
     )
     assert node.root_certificates.endswith("ca.crt") and not node.insecure
+    assert node.auth_supernode_private_key == str(c.NODE_KEYS_DIR / "node-2.key")
     assert parse_overrides(node.node_config) == cfg
+    node = _parse_args_run_supernode().parse_args(
+        c.supernode_command("superlink:9092", False, cfg, c.node_key_file(2))[1:]
+    )
+    assert node.insecure and node.auth_supernode_private_key is None
+
+
+def test_insecure_switch() -> None:
+    assert c.insecure_mode({}) is False
+    assert c.insecure_mode({"BASTION_INSECURE": "1", "BASTION_TLS": ""}) is True
+    assert c.insecure_mode({"BASTION_TLS": "1"}) is False
+    # the old switch must not silently mean "secure" or "insecure"
+    with pytest.raises(ConfigError, match=r"BASTION_TLS: value '0' .* BASTION_INSECURE"):
+        c.insecure_mode({"BASTION_TLS": "0"})
+    with pytest.raises(ConfigError, match="BASTION_INSECURE: value 'maybe'"):
+        c.insecure_mode({"BASTION_INSECURE": "maybe"})
 
 
 # ------------------------------------------------------------- certificates
@@ -235,10 +253,11 @@ def test_certificates_work_for_tls_clients_and_are_reused(tmp_path) -> None:
     names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "edge.example.org" in names.get_values_for_type(x509.DNSName)
 
-    # a CA about to expire is replaced, and the server certificate with it
-    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=3650)
-    renewed = c.ensure_certificates(ca, server, trust, sans, now=later)
-    assert (renewed.ca, renewed.server) == ("created", "created")
+    # an expired CA is never replaced silently: an error that says what to remove
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=3651)
+    with pytest.raises(ConfigError, match=r"CA certificate .* expired"):
+        c.ensure_certificates(ca, server, trust, sans, now=later)
+    assert (ca / "ca.crt").read_bytes() == before["ca.crt"]
 
 
 # ------------------------------------------------------------------- runner
