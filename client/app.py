@@ -14,7 +14,9 @@ with ``num-examples``, ``train-loss``, ``train-seconds``, ``steps`` and
 adds ``dp-epsilon`` (spent over the whole run so far), ``dp-delta``,
 ``dp-noise-multiplier``, ``dp-sample-rate`` and ``dp-rounds``, and leaves out
 ``train-loss`` (a statistic of its training data that DP-SGD does not protect); a
-node whose privacy budget is spent replies with an error message instead.
+node whose privacy budget is spent replies with an error message instead. A node
+with node config ``role = "malformed"`` trains honestly, then breaks its reply on
+purpose, one kind of :mod:`client.malformed`'s corpus per round.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from flwr.clientapp import ClientApp
 
 from bastion.config import NodeConfig, RunConfig, TrainInstructions
 from client.attacks import label_flip
+from client.malformed import malformed_node_reply
 from client.malicious import AttackPlan, apply_attack, resolve_plan
 from client.privacy import PrivateRound, budget_error_reply, resolve_dp
 from task.datasets import ArrayDataset, num_classes
@@ -144,9 +147,17 @@ def train(msg: Message, context: Context) -> Message:
             "known-rows": crafted.known_rows,
             "colluders-seen": crafted.colluders_seen,
         }
-    arrays = ArrayRecord(state)
-    metrics = MetricRecord(values)
-    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(values)})
+    if node.role == "malformed":  # a broken/hostile node: see client.malformed
+        content = malformed_node_reply(
+            content,
+            kinds_text=node.malformed_kinds,
+            server_round=instr.server_round,
+            partition_id=node.partition_id,
+            node_id=int(context.node_id),
+            max_reply_bytes=run.max_reply_bytes,
+        )
+    return Message(content=content, reply_to=msg)
 
 
 @app.evaluate()

@@ -76,8 +76,10 @@ class AttackPlan:
 
 
 def resolve_plan(run: RunConfig, node: NodeConfig) -> AttackPlan | None:
-    """This node's attack plan, or ``None`` for an honest node."""
-    if node.role == "honest":
+    """This node's attack plan, or ``None`` for an honest node (and for a
+    ``role = "malformed"`` node, which trains honestly and breaks its reply
+    afterwards: :mod:`client.malformed`)."""
+    if node.role in ("honest", "malformed"):
         return None
     if node.role == "":
         if run.num_malicious == 0:
