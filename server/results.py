@@ -5,13 +5,21 @@ Layout of ``<run-dir>``::
     config.json          the validated run config
     metrics.jsonl        one JSON object per round (round 0 = before training)
     diagnostics.jsonl    one JSON object per node per round (accepted/rejected, why, ...)
-    checkpoints/round-NNNN.pt   global model state_dict after each round
+    checkpoints/round-NNNN.pt   everything a resumed server needs after that round
+                         (see :meth:`RunResults.checkpoint` and :class:`Checkpoint`)
     accuracy_loss.png    central accuracy and loss over rounds
     privacy_epsilon.png  with DP: epsilon spent over rounds (max and per node)
     summary.json         final numbers (written at the end, also on failure)
 
 Every file is appended or replaced atomically, so an interrupted run leaves
 complete lines and complete files behind.
+
+Resume (run-config ``resume = true``): :class:`RunResults` opened with ``resume=True``
+on a folder that holds checkpoints loads the newest one that reads back
+(:func:`load_latest_checkpoint`), refuses it when the new run's config differs in a
+key that changes what the run computes (:func:`check_resume_config`), and rewinds
+``metrics.jsonl`` and ``diagnostics.jsonl`` to the checkpoint's round
+(:func:`rewind_run_dir`); the ServerApp then continues with the next round.
 """
 
 from __future__ import annotations
@@ -19,12 +27,20 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
+import re
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from flwr.common import log
+
+from bastion.config import ConfigError, RunConfig
 
 
 def default_run_dir(base: str | Path = "runs", dataset: str = "run") -> Path:
@@ -106,19 +122,299 @@ def _save_figure(fig: Any, path: Path) -> Path:
     return path
 
 
-class RunResults:
-    """Writes one run's results into ``run_dir`` as the rounds go."""
+#: layout version of ``round-NNNN.pt`` (:meth:`RunResults.checkpoint`); resume refuses others
+CHECKPOINT_VERSION = 1
+_CHECKPOINT_NAME = re.compile(r"^round-(\d{4,})\.pt$")
 
-    def __init__(self, run_dir: str | Path, config: Mapping[str, Any]) -> None:
+#: Run-config keys a resumed run may change: where and how the run executes, not what it
+#: computes. Every other key must equal the checkpoint's (:func:`check_resume_config`).
+#: ``num-server-rounds`` may grow (or shrink down to the checkpoint's round).
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "resume",
+        "output-dir",
+        "data-dir",
+        "device",
+        "round-timeout",
+        "checkpoint-every",
+        "num-server-rounds",
+        "collusion-dir",
+        "collusion-timeout",
+    }
+)
+
+
+class CheckpointError(RuntimeError):
+    """Checkpoints exist but none can be read back; the message lists each file and why."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One ``round-NNNN.pt`` read back: the state of the run after round :attr:`round`.
+
+    ``payload`` keys (version 1): ``version``, ``round``, ``model`` (state_dict),
+    ``strategy`` (``RobustStrategy.state_dict()``: pipeline, server-momentum velocity,
+    reputation), ``config`` (the flat run config), ``rng`` (:func:`rng_state`), ``loop``
+    (what the round loop carries from round to round), ``row`` (the round's
+    ``metrics.jsonl`` row), ``run_started`` (wall-clock start of the first attempt) and
+    ``resumed_from`` (rounds earlier attempts resumed from).
+    """
+
+    round: int
+    path: Path
+    payload: Mapping[str, Any]
+
+    @property
+    def model(self) -> dict[str, torch.Tensor]:
+        """The global model's state_dict after :attr:`round`."""
+        return dict(self.payload["model"])
+
+    @property
+    def strategy(self) -> dict[str, Any]:
+        """The strategy's state after :attr:`round` (empty when none was saved)."""
+        return dict(self.payload.get("strategy") or {})
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The flat run config of the run that wrote the checkpoint."""
+        return dict(self.payload.get("config") or {})
+
+    @property
+    def rng(self) -> dict[str, Any]:
+        """Random-generator states (:func:`rng_state`) after :attr:`round`."""
+        return dict(self.payload.get("rng") or {})
+
+    @property
+    def loop(self) -> dict[str, Any]:
+        """The round loop's own state after :attr:`round` (node count, elapsed time, ...)."""
+        return dict(self.payload.get("loop") or {})
+
+    @property
+    def row(self) -> dict[str, Any] | None:
+        """The ``metrics.jsonl`` row of :attr:`round`, when the checkpoint holds it."""
+        row = self.payload.get("row")
+        return dict(row) if row is not None else None
+
+
+def rng_state() -> dict[str, Any]:
+    """The states of every random generator the server process draws from.
+
+    Python's ``random`` (Flower's ``FedAvg`` samples nodes with ``random.sample``),
+    NumPy's global generator, torch's CPU generator and, when CUDA is in use, every
+    CUDA device's generator. Plain tuples, lists and tensors, so that a checkpoint
+    loads with ``torch.load(weights_only=True)``.
+    """
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)  # type: ignore[misc]
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": (str(name), [int(k) for k in keys], int(pos), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Put back generator states taken by :func:`rng_state` (missing ones are left alone)."""
+    if "python" in state:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "numpy" in state:
+        name, keys, pos, has_gauss, cached = state["numpy"]
+        np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_paths(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(round, path)`` of every ``checkpoints/round-NNNN.pt`` in ``run_dir``, newest first.
+
+    Temporary files of an interrupted write (``.round-NNNN.pt.tmp``) are not checkpoints.
+    """
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = _CHECKPOINT_NAME.match(path.name)
+        if match and path.is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found, reverse=True)
+
+
+def load_latest_checkpoint(run_dir: str | Path) -> Checkpoint | None:
+    """The newest checkpoint of ``run_dir`` that reads back, or None when there is none.
+
+    Checkpoints are replaced atomically, so a crash leaves whole files; a file that
+    still does not load (a truncated copy, a disk error) is skipped for the one before
+    it. Raises :class:`CheckpointError` when checkpoints exist but none loads: starting
+    over from round 1 would silently throw their work away.
+    """
+    problems = []
+    for server_round, path in checkpoint_paths(run_dir):
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a torn or foreign file: fall back to an older one
+            problems.append(f"{path.name}: {type(exc).__name__}: {exc}")
+            continue
+        if not isinstance(payload, Mapping) or "model" not in payload:
+            problems.append(f"{path.name}: not a Bastion checkpoint (no 'model' entry)")
+            continue
+        version = payload.get("version")
+        if version != CHECKPOINT_VERSION:
+            problems.append(
+                f"{path.name}: checkpoint version {version!r}; this server reads version "
+                f"{CHECKPOINT_VERSION} (written with resume support)"
+            )
+            continue
+        if int(payload.get("round", -1)) != server_round:
+            problems.append(f"{path.name}: holds round {payload.get('round')!r}")
+            continue
+        if problems:
+            log(
+                WARNING,
+                "[bastion] newer checkpoints did not load, resuming from %s: %s",
+                path.name,
+                "; ".join(problems),
+            )
+        return Checkpoint(server_round, path, payload)
+    if problems:
+        raise CheckpointError(
+            f"key 'resume': no checkpoint in {Path(run_dir) / 'checkpoints'} can be resumed "
+            "from:\n  " + "\n  ".join(problems)
+        )
+    return None
+
+
+def check_resume_config(
+    saved: Mapping[str, Any], new: Mapping[str, Any], server_round: int
+) -> None:
+    """Refuse to resume a run whose config changes what the checkpointed run computes.
+
+    Every key except :data:`RESUME_MAY_CHANGE` must be equal in ``saved`` (the
+    checkpoint's config) and ``new``; a key one of them lacks (a checkpoint from an
+    older version) counts as its default. ``num-server-rounds`` must be at least
+    ``server_round``. Raises :class:`~bastion.config.ConfigError` naming every key
+    that differs, with both values.
+    """
+    defaults = RunConfig().to_flat()
+    problems = []
+    for key in sorted(set(saved) | set(new)):
+        if key in RESUME_MAY_CHANGE:
+            continue
+        before = saved.get(key, defaults.get(key, "<unset>"))
+        after = new.get(key, defaults.get(key, "<unset>"))
+        if before != after:
+            problems.append(f"key {key!r}: checkpoint has {before!r}, this run has {after!r}")
+    rounds = new.get("num-server-rounds", defaults["num-server-rounds"])
+    if int(rounds) < server_round:
+        problems.append(
+            f"key 'num-server-rounds': value {rounds!r} is below the checkpoint's round "
+            f"{server_round}; allowed: >= {server_round}"
+        )
+    if problems:
+        raise ConfigError(
+            f"key 'resume': cannot continue the run from its round-{server_round:04d} "
+            "checkpoint; the config differs in:\n  "
+            + "\n  ".join(problems)
+            + "\nallowed to change on resume: "
+            + ", ".join(sorted(RESUME_MAY_CHANGE))
+        )
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    """The JSON lines of ``path`` (none if missing); a torn last line is dropped."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # the line a killed writer left half-written
+    return rows
+
+
+def _write_rows(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
+    _write_atomic(path, "".join(json.dumps(dict(r)) + "\n" for r in rows).encode())
+
+
+def rewind_run_dir(run_dir: str | Path, ckpt: Checkpoint) -> tuple[list[dict], list[dict]]:
+    """Make ``run_dir`` look as it did right after ``ckpt``'s round; idempotent.
+
+    ``metrics.jsonl`` keeps the rows of rounds ``0..ckpt.round`` (the checkpoint's own
+    row is put back when the crash came between checkpoint and row), in round order,
+    one per round; ``diagnostics.jsonl`` keeps the rows of rounds ``<= ckpt.round``;
+    both are replaced atomically. A ``summary.json`` (of an earlier attempt) is
+    removed: the resumed run writes its own. Returns the kept metrics and diagnostics
+    rows.
+    """
+    run_dir = Path(run_dir)
+    by_round: dict[int, dict[str, Any]] = {}
+    for row in _read_rows(run_dir / "metrics.jsonl"):
+        rnd = row.get("round")
+        if isinstance(rnd, int) and 0 <= rnd <= ckpt.round:
+            by_round.setdefault(rnd, row)  # the first attempt's row of a round wins
+    if ckpt.round not in by_round and ckpt.row is not None:
+        by_round[ckpt.round] = _clean(ckpt.row)
+    metrics = [by_round[r] for r in sorted(by_round)]
+    diagnostics = [
+        row
+        for row in _read_rows(run_dir / "diagnostics.jsonl")
+        if not isinstance(row.get("round"), int) or row["round"] <= ckpt.round
+    ]
+    _write_rows(run_dir / "metrics.jsonl", metrics)
+    _write_rows(run_dir / "diagnostics.jsonl", diagnostics)
+    (run_dir / "summary.json").unlink(missing_ok=True)
+    for tmp in (run_dir / "checkpoints").glob(".round-*.pt.tmp*"):
+        tmp.unlink(missing_ok=True)  # an interrupted checkpoint write
+    return metrics, diagnostics
+
+
+class RunResults:
+    """Writes one run's results into ``run_dir`` as the rounds go.
+
+    With ``resume=True`` and a checkpoint in ``run_dir``, the folder is continued
+    instead of set aside: :attr:`resumed` is the newest readable checkpoint (its config
+    checked against ``config`` by :func:`check_resume_config`, which raises before
+    anything in the folder changes), the files are rewound to its round
+    (:func:`rewind_run_dir`) and :attr:`rounds` holds the rows kept. Without a
+    checkpoint, ``resume=True`` starts a fresh run like ``resume=False``.
+    """
+
+    def __init__(
+        self, run_dir: str | Path, config: Mapping[str, Any], *, resume: bool = False
+    ) -> None:
         self.run_dir = Path(run_dir).resolve()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.moved_previous = _set_aside_previous_run(self.run_dir)
-        (self.run_dir / "checkpoints").mkdir(exist_ok=True)
+        self.config = dict(config)
+        #: the checkpoint this run continues from (None: a fresh run)
+        self.resumed: Checkpoint | None = load_latest_checkpoint(self.run_dir) if resume else None
         self.rounds: list[dict[str, Any]] = []
         # (round, node label, epsilon) of every node that reported its DP epsilon
         self.node_epsilons: list[tuple[int, str, float]] = []
         self.started = time.time()
-        _write_atomic(self.run_dir / "config.json", json.dumps(dict(config), indent=2).encode())
+        #: rounds this run and earlier attempts resumed from, oldest first
+        self.resumed_from: list[int] = []
+        if self.resumed is None:
+            self.moved_previous = _set_aside_previous_run(self.run_dir)
+        else:
+            ckpt = self.resumed
+            check_resume_config(ckpt.config, self.config, ckpt.round)
+            self.moved_previous = None
+            metrics, diagnostics = rewind_run_dir(self.run_dir, ckpt)
+            self.rounds = metrics
+            for row in diagnostics:
+                self._note_epsilon(row)
+            self.started = float(ckpt.payload.get("run_started", self.started))
+            self.resumed_from = [*ckpt.payload.get("resumed_from", []), ckpt.round]
+        (self.run_dir / "checkpoints").mkdir(exist_ok=True)
+        _write_atomic(self.run_dir / "config.json", json.dumps(self.config, indent=2).encode())
 
     def log_round(self, row: Mapping[str, Any]) -> None:
         """Append one round's metrics to ``metrics.jsonl`` and redraw the plot."""
@@ -135,24 +431,55 @@ class RunResults:
             for row in rows:
                 row = _clean(dict(row))
                 fh.write(json.dumps(row) + "\n")
-                if row.get("dp_epsilon") is not None and row.get("round") is not None:
-                    who = row.get("partition_id")
-                    label = f"partition {who}" if who is not None else f"node {row.get('node_id')}"
-                    self.node_epsilons.append((int(row["round"]), label, float(row["dp_epsilon"])))
+                self._note_epsilon(row)
+
+    def _note_epsilon(self, row: Mapping[str, Any]) -> None:
+        """Remember a diagnostics row's DP epsilon for :meth:`plot_privacy`."""
+        if row.get("dp_epsilon") is not None and row.get("round") is not None:
+            who = row.get("partition_id")
+            label = f"partition {who}" if who is not None else f"node {row.get('node_id')}"
+            self.node_epsilons.append((int(row["round"]), label, float(row["dp_epsilon"])))
 
     def checkpoint(
         self,
         server_round: int,
         state: Mapping[str, torch.Tensor],
         strategy_state: Mapping[str, Any] | None = None,
+        *,
+        rng: Mapping[str, Any] | None = None,
+        loop: Mapping[str, Any] | None = None,
+        row: Mapping[str, Any] | None = None,
     ) -> Path:
-        """Save the global model (and the strategy's state) after ``server_round`` (atomic)."""
+        """Save what a resumed server needs after ``server_round`` (see :class:`Checkpoint`).
+
+        The global model, the strategy's state, the random generators' states, the round
+        loop's own state and the round's metrics row, with the run config and the run's
+        start time. Atomic and durable: written to a temporary file, flushed to disk,
+        then renamed over ``round-NNNN.pt``, so a crash leaves either the old file or
+        the whole new one.
+        """
         path = self.run_dir / "checkpoints" / f"round-{server_round:04d}.pt"
         tmp = path.with_name(f".{path.name}.tmp")
-        payload: dict[str, Any] = {"round": server_round, "model": dict(state)}
+        payload: dict[str, Any] = {
+            "version": CHECKPOINT_VERSION,
+            "round": server_round,
+            "model": dict(state),
+            "config": self.config,
+            "run_started": self.started,
+            "resumed_from": list(self.resumed_from),
+        }
         if strategy_state is not None:
             payload["strategy"] = dict(strategy_state)
-        torch.save(payload, tmp)
+        if rng is not None:
+            payload["rng"] = dict(rng)
+        if loop is not None:
+            payload["loop"] = dict(loop)
+        if row is not None:
+            payload["row"] = _clean(dict(row))
+        with open(tmp, "wb") as fh:
+            torch.save(payload, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
         os.replace(tmp, path)
         return path
 
@@ -271,6 +598,8 @@ class RunResults:
             "wall_seconds": round(time.time() - self.started, 3),
             "run_dir": str(self.run_dir),
         }
+        if self.resumed_from:
+            summary["resumed_from"] = list(self.resumed_from)
         if (eps := self.max_epsilon()) is not None:
             summary["max_epsilon"] = eps
         summary |= fields
