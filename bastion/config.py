@@ -197,9 +197,46 @@ class RunConfig(_FlatModel):
     # per-sample gradients) was the fastest of Opacus' modes for MnistCNN on CPU here
     # (batch 64 and 256)
     dp_grad_sample_mode: GradSampleMode = "ghost"
+    # Reputation (strategies.reputation): each node's suspicion score, an exponential
+    # moving average of per-round evidence (rejected, left out by a selection rule,
+    # far from the aggregate); with quarantine-threshold > 0, nodes at or above it sit
+    # out quarantine-rounds rounds (longer each time), at most quarantine-max at once
+    # (-1: num-byzantine, or no cap when that is 0)
+    reputation_decay: float = Field(0.7, ge=0, lt=1)
+    reputation_weight_unselected: float = Field(0.5, ge=0, le=1)
+    reputation_weight_far: float = Field(0.5, ge=0, le=1)
+    reputation_weight_missing: float = Field(0.0, ge=0, le=1)
+    quarantine_threshold: float = Field(0.0, ge=0, le=1)
+    quarantine_rounds: int = Field(3, ge=1, le=100_000)
+    # the k-th quarantine of the same node lasts quarantine-rounds * escalation^(k-1)
+    quarantine_escalation: float = Field(2.0, ge=1, le=100)
+    quarantine_max: int = Field(-1, ge=-1, le=100_000)
+    # Reply limits (strategies.validation, docs/RELIABILITY.md). A reply whose array
+    # payloads and record values hold more than max-reply-bytes bytes is rejected before
+    # anything is decoded (0: no limit); an update (delta from the global model) whose
+    # L2 norm exceeds max-update-norm is rejected (0: no limit); a round with fewer than
+    # min-accepted-replies accepted replies leaves the global model unchanged.
+    max_reply_bytes: int = Field(256 * 2**20, ge=0)
+    max_update_norm: float = Field(1e6, ge=0)
+    min_accepted_replies: int = Field(1, ge=1, le=100_000)
+    # Crash safety (server.results, docs/RELIABILITY.md): true continues the run in
+    # output-dir from its newest checkpoint (round k + 1 next); without a checkpoint
+    # the run starts from round 1
+    resume: bool = False
 
     @model_validator(mode="after")
     def _check_combinations(self) -> RunConfig:
+        if self.resume and self.batch_file:
+            raise ValueError(
+                "key 'resume' is true and key 'batch-file' is set; allowed: resume with a "
+                "single run (a batch resumes cell by cell: `bastion grid` skips finished cells)"
+            )
+        if self.resume and self.dp:
+            raise ValueError(
+                "key 'resume' is true and key 'dp' is true; allowed: resume without DP. Each "
+                "node keeps its privacy ledger per Flower run id and a resumed run gets a new "
+                "one, so the epsilon it reports would leave out the rounds before the crash"
+            )
         if self.local_epochs == 0 and self.local_steps == 0:
             raise ValueError(
                 "keys 'local-epochs' and 'local-steps' are both 0; set local-epochs >= 1 "
@@ -289,7 +326,7 @@ class NodeConfig(_FlatModel):
     data_dir: str = ""
     # A node can be made malicious by its own config (docker-compose, real
     # deployments); unset keys fall back to the run config.
-    role: Literal["", "honest", "malicious"] = ""
+    role: Literal["", "honest", "malicious", "malformed"] = ""
     attack: AttackName | None = None
     attack_epsilon: float | None = Field(None, ge=-1e6, le=1e6)
     attack_z: float | None = Field(None, ge=-1e3, le=1e3)
@@ -312,6 +349,9 @@ class NodeConfig(_FlatModel):
     dp_budget_action: DPBudgetAction | None = None
     dp_grad_sample_mode: GradSampleMode | None = None
     state_dir: str | None = None
+    # role="malformed" (client.malformed): the kinds of malformed reply this node sends,
+    # comma-separated, one per round by a documented rule; unset: the whole corpus
+    malformed_kinds: str | None = None
 
     @model_validator(mode="after")
     def _check_partition(self) -> NodeConfig:

@@ -299,7 +299,16 @@ def cell_row(cell: Cell, cell_dir: Path) -> dict[str, Any]:
         "max_epsilon": summary.get("max_epsilon"),
         "note": cell.infeasible,
         "dir": cell_dir.name,
-    }
+    } | {k: summary[k] for k in REPUTATION_COLUMNS if summary.get(k) is not None}
+
+
+#: summary fields of runs with reputation (server.reputation_report) shown per cell
+REPUTATION_COLUMNS = (
+    "quarantined_malicious",
+    "quarantined_honest",
+    "max_suspicion_malicious",
+    "max_suspicion_honest",
+)
 
 
 #: rounds averaged in the ``last<N>_mean_accuracy`` column and pivot

@@ -16,16 +16,24 @@ import traceback
 from collections.abc import Iterable
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
-from flwr.common import log
+from flwr.common import Error, log
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from bastion.config import RunConfig
 from server.omniscient import OmniscientAdversary
-from server.results import RunResults, default_run_dir
-from strategies.strategy import NodeDiagnostics, RobustStrategy, pipeline_from_config
+from server.reputation_report import reputation_summary, write_reputation_report
+from server.results import RunResults, default_run_dir, restore_rng_state, rng_state
+from strategies.strategy import (
+    NodeDiagnostics,
+    RobustStrategy,
+    pipeline_from_config,
+    reputation_from_config,
+)
 from task.datasets import load_dataset
 from task.models import build_model
 from task.training import evaluate, resolve_device
@@ -43,12 +51,46 @@ MAX_POLL_SECONDS = max(POLL_SECONDS, 1.0)
 TTL_MARGIN_SECONDS = 5.0
 
 
+NO_REPLY_REASON = "no reply within round-timeout"
+
+
+class NoReply(NamedTuple):
+    """A message that got no reply from its node: the node it went to, and why."""
+
+    node_id: int
+    reason: str
+
+
+def superlink_error_reason(error: Error) -> str:
+    """Why the SuperLink answered in a node's place (an error reply it generated).
+
+    Flower 1.39 (``flwr.server.superlink.linkstate.utils``): NODE_UNAVAILABLE when the
+    node missed its heartbeats (offline after 2 x its 30 s interval), MESSAGE_UNAVAILABLE
+    when the instruction expired or was removed, REPLY_MESSAGE_UNAVAILABLE when the
+    node's reply expired before it was pulled.
+    """
+    code = int(error.code)
+    if code == ErrorCode.NODE_UNAVAILABLE:
+        what = "node unavailable (SuperLink reported it offline: no heartbeat in time)"
+    elif code == ErrorCode.MESSAGE_UNAVAILABLE:
+        what = "instruction unavailable (SuperLink: expired or removed before a reply)"
+    elif code == ErrorCode.REPLY_MESSAGE_UNAVAILABLE:
+        what = "reply unavailable (SuperLink: the node's reply expired)"
+    else:
+        what = "error reply from the SuperLink"
+    return f"{what}; error code {code}: {error.reason}"
+
+
 def send_and_receive(
     grid: Grid, messages: Iterable[Message], timeout: float
-) -> tuple[list[Message], dict[str, int]]:
+) -> tuple[list[Message], dict[str, NoReply]]:
     """Push ``messages`` and pull replies until all arrived or ``timeout`` passed.
 
-    Returns the replies and ``{message_id: node_id}`` of the messages that got no reply.
+    Returns the nodes' replies and ``{message_id: NoReply}`` of the messages that got
+    none: no reply within ``timeout``, or an error reply the SuperLink generated in the
+    node's place (:func:`superlink_error_reason`). Such a reply names the SuperLink as
+    its source (``src_node_id`` is Flower's ``SUPERLINK_NODE_ID``, 1), so the node is
+    found through ``reply_to_message_id``: the id of the instruction it answers.
 
     Every message lives ``timeout`` (+ :data:`TTL_MARGIN_SECONDS`) seconds: Flower's
     default is 12 hours, so a node that was cut off during a round and comes back
@@ -59,18 +101,25 @@ def send_and_receive(
     for msg in messages:
         msg.metadata.ttl = timeout + TTL_MARGIN_SECONDS
     ids = list(grid.push_messages(messages))
-    waiting = {mid: msg.metadata.dst_node_id for mid, msg in zip(ids, messages, strict=True)}
+    sent = {mid: msg.metadata.dst_node_id for mid, msg in zip(ids, messages, strict=True)}
+    waiting = dict(sent)
     replies: list[Message] = []
+    unanswered: dict[str, NoReply] = {}
     deadline, pause = time.monotonic() + timeout, POLL_SECONDS
     while waiting and time.monotonic() < deadline:
         got = list(grid.pull_messages(list(waiting)))
         for reply in got:
-            waiting.pop(reply.metadata.reply_to_message_id, None)
-        replies.extend(got)
+            mid = reply.metadata.reply_to_message_id
+            waiting.pop(mid, None)
+            node_id = sent.get(mid)
+            if reply.has_error() and node_id is not None and reply.metadata.src_node_id != node_id:
+                unanswered[mid] = NoReply(node_id, superlink_error_reason(reply.error))
+            else:
+                replies.append(reply)
         if waiting:
             time.sleep(pause)
             pause = min(pause * 1.5, MAX_POLL_SECONDS) if not got else POLL_SECONDS
-    return replies, waiting
+    return replies, unanswered | {mid: NoReply(n, NO_REPLY_REASON) for mid, n in waiting.items()}
 
 
 @app.main()
@@ -87,7 +136,7 @@ def main(grid: Grid, context: Context) -> None:
 def _run_one(grid: Grid, cfg: RunConfig, batch_cell: int = -1) -> RunResults:
     """One Bastion run; its summary says "failed" (and the error is re-raised) on failure."""
     run_dir = Path(cfg.output_dir) if cfg.output_dir else default_run_dir("runs", cfg.dataset)
-    results = RunResults(run_dir, cfg.to_flat())
+    results = RunResults(run_dir, cfg.to_flat(), resume=cfg.resume)
     log(INFO, "[bastion] results go to %s", results.run_dir)
     try:
         _run(grid, cfg, results, batch_cell)
@@ -143,6 +192,10 @@ def _run(grid: Grid, cfg: RunConfig, results: RunResults, batch_cell: int = -1) 
         min_train_nodes=cfg.min_train_nodes,
         min_evaluate_nodes=cfg.min_train_nodes,
         min_available_nodes=cfg.min_available_nodes,
+        reputation=reputation_from_config(cfg),
+        max_reply_bytes=cfg.max_reply_bytes,
+        max_update_norm=cfg.max_update_norm,
+        min_accepted_replies=cfg.min_accepted_replies,
     )
     arrays = ArrayRecord(model.state_dict())
     # research mode, simulation only (raises on a real federation): see server.omniscient
@@ -170,14 +223,41 @@ def _run(grid: Grid, cfg: RunConfig, results: RunResults, batch_cell: int = -1) 
             "central_samples": len(subset),
         }
 
-    first = central(0)
-    results.log_round(
-        {"round": 0, **first, "elapsed_seconds": time.monotonic() - started, "time": time.time()}
-    )
-    log(INFO, "[bastion] round 0: central accuracy %.4f", first["central_accuracy"])
-    num_clients = 0
+    num_clients, first_round = 0, 1
+    # partition id each node reported (a node that stops replying cannot say it)
+    node_partitions: dict[int, int] = {}
+    if results.resumed is not None:  # resume: continue after the checkpoint's round
+        ckpt = results.resumed
+        model.load_state_dict(ckpt.model)
+        arrays = ArrayRecord(model.state_dict())
+        strategy.load_state_dict(ckpt.strategy)
+        restore_rng_state(ckpt.rng)
+        num_clients = int(ckpt.loop.get("num_clients", 0))
+        node_partitions = dict(ckpt.loop.get("node_partitions", {}))
+        started -= float(ckpt.loop.get("elapsed_seconds", 0.0))
+        first_round = ckpt.round + 1
+        log(
+            INFO,
+            "[bastion] resuming from checkpoint %s: round %d of %d is next",
+            ckpt.path,
+            first_round,
+            cfg.num_server_rounds,
+        )
+    else:
+        if cfg.resume:
+            log(INFO, "[bastion] resume: no checkpoint in %s; starting at round 1", results.run_dir)
+        first = central(0)
+        results.log_round(
+            {
+                "round": 0,
+                **first,
+                "elapsed_seconds": time.monotonic() - started,
+                "time": time.time(),
+            }
+        )
+        log(INFO, "[bastion] round 0: central accuracy %.4f", first["central_accuracy"])
 
-    for server_round in range(1, cfg.num_server_rounds + 1):
+    for server_round in range(first_round, cfg.num_server_rounds + 1):
         round_start = time.monotonic()
         instructions = cfg.train_instructions(server_round)
         messages = strategy.configure_train(
@@ -195,17 +275,43 @@ def _run(grid: Grid, cfg: RunConfig, results: RunResults, batch_cell: int = -1) 
         if new_arrays is not None:
             arrays = new_arrays
         summary = strategy.last_round
+        node_partitions |= {
+            d.node_id: d.partition_id for d in summary.nodes if d.partition_id is not None
+        }
         nodes = list(summary.nodes) + [
-            NodeDiagnostics(server_round, node_id, "rejected", "no reply within round-timeout")
-            for node_id in missing.values()
+            NodeDiagnostics(
+                server_round,
+                gone.node_id,
+                "rejected",
+                gone.reason,
+                partition_id=node_partitions.get(gone.node_id),
+                no_reply=True,
+            )
+            for gone in missing.values()
         ]
-        if missing:
+        # suspicion scores from every node's diagnostics; quarantine from the next round
+        quarantined = strategy.reputation.quarantined(server_round)
+        nodes += [
+            NodeDiagnostics(
+                server_round,
+                node_id,
+                "quarantined",
+                "left out: quarantined until round "
+                f"{strategy.reputation.nodes[node_id].quarantined_until}",
+            )
+            for node_id in quarantined
+        ]
+        newly_quarantined = strategy.update_reputation(
+            server_round, nodes, online=grid.get_node_ids()
+        )
+        for gone in missing.values():
             log(
                 WARNING,
-                "[bastion] round %d: no reply from nodes %s within %.0f s",
+                "[bastion] round %d: node %d (partition %s): %s",
                 server_round,
-                sorted(missing.values()),
-                cfg.round_timeout,
+                gone.node_id,
+                node_partitions.get(gone.node_id, "unknown"),
+                gone.reason,
             )
         results.log_nodes(d.to_json() for d in nodes)
 
@@ -234,6 +340,9 @@ def _run(grid: Grid, cfg: RunConfig, results: RunResults, batch_cell: int = -1) 
             "num_malicious_accepted": summary.num_malicious_accepted,
             "malicious_influence": summary.malicious_influence,
             "max_dp_epsilon": max(epsilons) if epsilons else None,
+            "quarantined_nodes": quarantined,
+            "newly_quarantined_nodes": newly_quarantined,
+            "max_suspicion": max((d.suspicion or 0.0 for d in nodes), default=None),
             "round_seconds": round_seconds,
             "slowest_train_seconds": slowest,
             "overhead_seconds": None if slowest is None else round_seconds - slowest,
@@ -246,6 +355,13 @@ def _run(grid: Grid, cfg: RunConfig, results: RunResults, batch_cell: int = -1) 
                 server_round,
                 {k: v.clone() for k, v in model.state_dict().items()},
                 strategy.state_dict(),
+                rng=rng_state(),
+                loop={
+                    "num_clients": num_clients,
+                    "elapsed_seconds": row["elapsed_seconds"],
+                    "node_partitions": node_partitions,
+                },
+                row=row,
             )
         results.log_round(row)
         log(
@@ -259,6 +375,7 @@ def _run(grid: Grid, cfg: RunConfig, results: RunResults, batch_cell: int = -1) 
             round_seconds,
         )
 
+    standings = write_reputation_report(results.run_dir, cfg.quarantine_threshold)
     # with DP, max_epsilon (null when every node refused) and dp_delta are always there
     epsilon = results.max_epsilon()
     dp_fields = {"max_epsilon": epsilon, "dp_delta": cfg.dp_delta}
@@ -269,6 +386,7 @@ def _run(grid: Grid, cfg: RunConfig, results: RunResults, batch_cell: int = -1) 
         aggregator=cfg.aggregator,
         num_clients=num_clients,
         seed=cfg.seed,
+        **reputation_summary(standings),
         **(dp_fields if cfg.dp or epsilon is not None else {}),
     )
     log(

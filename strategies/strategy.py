@@ -3,11 +3,13 @@
 :class:`RobustStrategy` subclasses Flower's Message-API ``FedAvg`` for node
 sampling and message construction and replaces everything on the reply side:
 
-1. each reply is validated on its own (:mod:`strategies.validation`); a bad
-   reply is dropped with a recorded reason while the round goes on;
+1. each reply is validated on its own (:mod:`strategies.validation`: size,
+   records, arrays, metrics); a bad reply is dropped with a recorded reason while
+   the round goes on;
 2. accepted replies are decoded into one preallocated ``(n, d)`` float32 tensor
    of *deltas* from the current global model (differences of nearby numbers are
-   exact in floating point, full weights are not);
+   exact in floating point, full weights are not); a row with a non-finite value
+   or an L2 norm above ``max-update-norm`` is dropped too;
 3. a :class:`~strategies.registry.Pipeline` (pre-aggregation steps such as
    clipping or s-resampling, then a robust rule such as Krum) maps the deltas
    to one delta (``(n, d) -> (d,)``); client-reported ``num-examples`` never
@@ -19,8 +21,9 @@ sampling and message construction and replaces everything on the reply side:
    score) are kept in :attr:`RobustStrategy.last_round`.
 
 A rule whose preconditions fail for this round (e.g. Krum needs n >= 2f + 3
-and too few replies were accepted) leaves the model unchanged for the round
-and records why; the run goes on.
+and too few replies were accepted), or fewer accepted replies than
+``min-accepted-replies``, leaves the model unchanged for the round and records
+why (``aggregation_error``); the run goes on.
 """
 
 from __future__ import annotations
@@ -41,7 +44,14 @@ from flwr.serverapp.strategy import FedAvg
 from strategies._kernels import norm64
 from strategies.layout import ModelLayout
 from strategies.registry import Pipeline, build_aggregator, build_preaggregator, compose
-from strategies.validation import METRICS_KEY, RejectedReply, check_train_reply
+from strategies.reputation import Reputation, ReputationConfig
+from strategies.validation import (
+    DEFAULT_MAX_REPLY_BYTES,
+    DEFAULT_MAX_UPDATE_NORM,
+    METRICS_KEY,
+    RejectedReply,
+    check_train_reply,
+)
 
 
 @dataclass
@@ -67,6 +77,14 @@ class NodeDiagnostics:
     # epsilon the node reports having spent over the whole run so far (metric
     # "dp-epsilon", client.privacy; RDP accounting, Mironov 2017); None without DP
     dp_epsilon: float | None = None
+    # L2 distance of the update to the round's aggregate (float64 from the norms and
+    # the dot product); what reputation calls "far"
+    distance_to_aggregate: float | None = None
+    # rejected because nothing came back (round timeout, or the SuperLink reported the
+    # node offline), as opposed to what the node sent
+    no_reply: bool = False
+    # the node's suspicion score after this round (strategies.reputation)
+    suspicion: float | None = None
 
     def to_json(self) -> dict[str, object]:
         """A JSON-ready dict (NaN becomes None)."""
@@ -110,6 +128,10 @@ class RobustStrategy(FedAvg):
         min_train_nodes: int = 2,
         min_evaluate_nodes: int = 2,
         min_available_nodes: int = 2,
+        reputation: Reputation | None = None,
+        max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
+        max_update_norm: float = DEFAULT_MAX_UPDATE_NORM,
+        min_accepted_replies: int = 1,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -127,19 +149,31 @@ class RobustStrategy(FedAvg):
         self._global: ArrayRecord | None = None
         self._layout: ModelLayout | None = None
         self.last_round = RoundSummary()
+        self.reputation = reputation or Reputation()
+        # reply limits (strategies.validation; run-config keys of the same names, 0: none)
+        self.max_reply_bytes = max_reply_bytes
+        self.max_update_norm = max_update_norm
+        self.min_accepted_replies = max(1, min_accepted_replies)
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed server needs besides the model: rule state and server momentum.
 
         A deep copy: later rounds do not change a state taken earlier.
         """
-        return copy.deepcopy({"pipeline": self.pipeline.state_dict(), "velocity": self._velocity})
+        return copy.deepcopy(
+            {
+                "pipeline": self.pipeline.state_dict(),
+                "velocity": self._velocity,
+                "reputation": self.reputation.state_dict(),
+            }
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output."""
         state = copy.deepcopy(dict(state))
         self.pipeline.load_state_dict(state["pipeline"])
         self._velocity = state["velocity"]
+        self.reputation.load_state_dict(state.get("reputation", {}))
 
     def summary(self) -> None:
         """Log the configuration (Flower calls this at start)."""
@@ -156,10 +190,58 @@ class RobustStrategy(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Remember the global model the replies will be compared to, then sample nodes."""
+        """Remember the global model the replies will be compared to, then sample nodes
+        (leaving out the nodes :attr:`reputation` has quarantined for this round)."""
         self._global = arrays
         self._layout = ModelLayout.of(arrays)
-        return super().configure_train(server_round, arrays, config, grid)
+        return self._without_quarantined(
+            server_round, super().configure_train(server_round, arrays, config, grid)
+        )
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Flower's evaluation sampling, without the quarantined nodes."""
+        return self._without_quarantined(
+            server_round, super().configure_evaluate(server_round, arrays, config, grid)
+        )
+
+    def _without_quarantined(self, server_round: int, messages: Iterable[Message]) -> list[Message]:
+        out = list(messages)
+        banned = set(self.reputation.quarantined(server_round))
+        if banned:
+            kept = [m for m in out if m.metadata.dst_node_id not in banned]
+            log(
+                INFO,
+                "round %d: %d quarantined node(s) left out: %s",
+                server_round,
+                len(out) - len(kept),
+                sorted(banned),
+            )
+            out = kept
+        return out
+
+    def update_reputation(
+        self, server_round: int, nodes: list[NodeDiagnostics], online: Iterable[int]
+    ) -> list[int]:
+        """Fold the round's diagnostics (all of them, timeouts included) into the
+        suspicion scores, write each node's score into its diagnostics and return the
+        nodes newly quarantined (from the next round on)."""
+        newly = self.reputation.observe(
+            server_round, nodes, online=online, min_remaining=2 * self.num_byzantine + 1
+        )
+        for diag in nodes:
+            diag.suspicion = self.reputation.score(diag.node_id)
+        if newly:
+            log(
+                WARNING,
+                "round %d: quarantined node(s) %s for %d round(s) (suspicion >= %.2f)",
+                server_round,
+                newly,
+                self.reputation.config.quarantine_rounds,
+                self.reputation.config.quarantine_threshold,
+            )
+        return newly
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -177,7 +259,7 @@ class RobustStrategy(FedAvg):
             )
             summary.nodes.append(diag)
             try:
-                check_train_reply(msg, layout)
+                check_train_reply(msg, layout, max_reply_bytes=self.max_reply_bytes)
                 layout.flatten_into(
                     msg.content.array_records["arrays"], deltas[len(decoded)], minus=self._global
                 )
@@ -197,29 +279,31 @@ class RobustStrategy(FedAvg):
             decoded.append(diag)
 
         # One pass over the decoded rows: their norms, which are also the finiteness
-        # check (a row holding NaN/Inf, or too large for float32, has no finite norm).
+        # check (a row holding NaN/Inf, or too large for float32, has no finite norm)
+        # and the max-update-norm check.
         norms = torch.linalg.vector_norm(deltas[: len(decoded)], dim=1)
         accepted: list[NodeDiagnostics] = []
         kept: list[int] = []
         for i, (diag, norm) in enumerate(zip(decoded, norms.tolist(), strict=True)):
-            if math.isfinite(norm):
+            problem = _update_norm_problem(deltas[i], norm, self.max_update_norm)
+            if problem is None:
                 diag.update_norm = norm
                 accepted.append(diag)
                 kept.append(i)
             else:
-                self._reject(server_round, diag, _non_finite_reason(deltas[i]))
+                self._reject(server_round, diag, problem)
         for j, i in enumerate(kept):  # close the gaps left by rejected rows (rare)
             if i != j:
                 deltas[j].copy_(deltas[i])
         summary.num_accepted = len(accepted)
         summary.num_rejected = len(replies) - len(accepted)
         self.last_round = summary
-        if not accepted:
-            log(
-                WARNING,
-                "round %d: no acceptable replies; the global model is unchanged",
-                server_round,
+        if len(accepted) < self.min_accepted_replies:
+            summary.aggregation_error = (
+                f"{len(accepted)} of {len(replies)} replies accepted, fewer than "
+                f"min-accepted-replies {self.min_accepted_replies}; the global model is unchanged"
             )
+            log(WARNING, "round %d: %s", server_round, summary.aggregation_error)
             return None, None
 
         deltas = deltas[: len(accepted)]
@@ -236,9 +320,13 @@ class RobustStrategy(FedAvg):
         row_norms = torch.tensor([d.update_norm for d in accepted], dtype=torch.float64)
         dots = (deltas @ aggregate.to(deltas.dtype)).double()
         cosines = dots / (row_norms * agg_norm).clamp_min(1e-300)
+        # |u - a|^2 = |u|^2 + |a|^2 - 2 u.a: no (n, d) temporary; float32 dot products
+        # lose distances far below 1e-3 |u|, which reputation's ratios do not need
+        distances = (row_norms**2 + agg_norm**2 - 2 * dots).clamp_min(0).sqrt()
         weights, selected, scores = _client_attribution(out, len(accepted))
         for i, (diag, cos) in enumerate(zip(accepted, cosines.tolist(), strict=True)):
             diag.cosine_to_aggregate = cos if agg_norm > 0 else None
+            diag.distance_to_aggregate = float(distances[i])
             diag.weight = None if weights is None else weights[i]
             diag.selected = None if selected is None else selected[i]
             diag.score = None if scores is None else scores[i]
@@ -311,12 +399,24 @@ class RobustStrategy(FedAvg):
         )
 
 
-def _non_finite_reason(row: torch.Tensor) -> str:
-    """Why a decoded update has no finite norm."""
-    bad = int((~torch.isfinite(row)).sum())
-    if bad:
-        return f"update holds {bad} non-finite values (NaN or Inf)"
-    return "update norm overflows float32 (values too large)"
+def _update_norm_problem(row: torch.Tensor, norm32: float, limit: float) -> str | None:
+    """Why a decoded update (one row, float32 L2 norm ``norm32``) is rejected, or None.
+
+    Non-finite values are counted by kind. A row whose float32 norm overflows but
+    whose values are finite gets its norm in float64 (:func:`norm64`), so a 1e30
+    update is reported as such. ``limit`` is ``max-update-norm`` (0: no limit); a
+    norm beyond float32 is rejected even without a limit (the rules run in float32).
+    """
+    if math.isfinite(norm32) and (limit <= 0 or norm32 <= limit):
+        return None
+    nan = int(torch.isnan(row).sum())
+    pos, neg = int((row == math.inf).sum()), int((row == -math.inf).sum())
+    if nan or pos or neg:
+        return f"non-finite update: {nan} NaN, {pos} +Inf, {neg} -Inf values"
+    norm = norm32 if math.isfinite(norm32) else norm64(row)
+    if limit > 0 and norm > limit:
+        return f"update norm {norm:.4g} exceeds max-update-norm {limit:g}"
+    return f"update norm {norm:.4g} overflows float32 (values too large)"
 
 
 def _client_attribution(
@@ -364,6 +464,26 @@ def _float_or_none(value: object) -> float | None:
 
 def _int_or_none(value: object) -> int | None:
     return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def reputation_from_config(cfg: Any) -> Reputation:
+    """A :class:`~strategies.reputation.Reputation` from a :class:`bastion.config.RunConfig`
+    (``quarantine-max = -1`` caps quarantine at ``num-byzantine``, none when that is 0)."""
+    cap = cfg.quarantine_max
+    if cap < 0:
+        cap = cfg.num_byzantine if cfg.num_byzantine > 0 else None
+    return Reputation(
+        ReputationConfig(
+            decay=cfg.reputation_decay,
+            weight_unselected=cfg.reputation_weight_unselected,
+            weight_far=cfg.reputation_weight_far,
+            weight_missing=cfg.reputation_weight_missing,
+            quarantine_threshold=cfg.quarantine_threshold,
+            quarantine_rounds=cfg.quarantine_rounds,
+            escalation=cfg.quarantine_escalation,
+            max_quarantined=cap,
+        )
+    )
 
 
 def pipeline_from_config(cfg: Any) -> Pipeline:
