@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from bastion.runlog import read_jsonl
+from server.results import save_figure
 
 
 def node_standings(rows: Iterable[Mapping[str, Any]]) -> dict[int, dict[str, Any]]:
@@ -155,9 +156,4 @@ def plot_reputation(
         title += f"; threshold {threshold:g}"
     ax.set(xlabel="round", ylabel="node (partition)", title=title)
     fig.colorbar(image, ax=ax, label="suspicion score")
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)

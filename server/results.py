@@ -110,7 +110,7 @@ def _set_aside_previous_run(run_dir: Path) -> Path | None:
     return target
 
 
-def _save_figure(fig: Any, path: Path) -> Path:
+def save_figure(fig: Any, path: Path) -> Path:
     """Lay out, save (atomically: a reader never sees half a PNG) and close ``fig``."""
     import matplotlib.pyplot as plt
 
@@ -518,7 +518,7 @@ class RunResults:
         ax_loss.legend()
         for ax in (ax_acc, ax_loss):
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
-        return _save_figure(fig, self.run_dir / "accuracy_loss.png")
+        return save_figure(fig, self.run_dir / "accuracy_loss.png")
 
     def max_epsilon(self) -> float | None:
         """The largest DP epsilon any node reported in any round (``max_dp_epsilon``), or None."""
@@ -579,7 +579,7 @@ class RunResults:
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        return _save_figure(fig, self.run_dir / "privacy_epsilon.png")
+        return save_figure(fig, self.run_dir / "privacy_epsilon.png")
 
     def write_summary(self, **fields: Any) -> dict[str, Any]:
         """Write ``summary.json`` from the rounds so far plus ``fields``; return it.

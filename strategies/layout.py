@@ -18,6 +18,40 @@ import torch
 from flwr.app import Array, ArrayRecord
 
 
+class UnsupportedNpyVersion(ValueError):
+    """A ``.npy`` header of a format version other than 1.0 and 2.0."""
+
+
+@dataclass(frozen=True)
+class NpyHeader:
+    """What a ``.npy`` header says about the payload that follows it."""
+
+    version: tuple[int, int]
+    shape: tuple[int, ...]
+    fortran: bool
+    dtype: np.dtype
+    offset: int  # where the data starts
+
+    @property
+    def data_bytes(self) -> int:
+        """Bytes of data the header promises."""
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def read_npy_header(data: bytes) -> NpyHeader:
+    """Parse the ``.npy`` header at the start of ``data`` (format 1.0 or 2.0, what
+    ``np.save`` writes), reading nothing past it. Raises ``ValueError`` otherwise."""
+    header = io.BytesIO(data)  # shares the bytes object, no copy
+    version = np.lib.format.read_magic(header)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(header)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(header)
+    else:
+        raise UnsupportedNpyVersion(f".npy format version {version}; allowed: 1.0, 2.0")
+    return NpyHeader(version, tuple(shape), bool(fortran), dtype, header.tell())
+
+
 def npy_view(array: Array) -> np.ndarray:
     """A read-only NumPy view of an ``Array``'s ``.npy`` payload, without copying it.
 
@@ -28,23 +62,17 @@ def npy_view(array: Array) -> np.ndarray:
     if array.stype != "numpy.ndarray":
         raise ValueError(f"unsupported serialization type {array.stype!r}")
     data = array.data
-    header = io.BytesIO(data)
-    version = np.lib.format.read_magic(header)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(header)
-    elif version == (2, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(header)
-    else:
-        return np.asarray(array.numpy())
-    if dtype.hasobject:
+    head = read_npy_header(data)
+    if head.dtype.hasobject:
         raise ValueError("object arrays are not allowed")
-    count = int(np.prod(shape, dtype=np.int64))
-    if len(data) - header.tell() != count * dtype.itemsize:
+    if len(data) - head.offset != head.data_bytes:
         raise ValueError(
-            f"payload holds {len(data) - header.tell()} bytes, header says {count} x {dtype}"
+            f"payload holds {len(data) - head.offset} bytes, header says "
+            f"{list(head.shape)} x {head.dtype}"
         )
-    flat = np.frombuffer(data, dtype=dtype, count=count, offset=header.tell())
-    return flat.reshape(shape, order="F" if fortran else "C")
+    count = int(np.prod(head.shape, dtype=np.int64))
+    flat = np.frombuffer(data, dtype=head.dtype, count=count, offset=head.offset)
+    return flat.reshape(head.shape, order="F" if head.fortran else "C")
 
 
 def npy_array(values: np.ndarray) -> Array:

@@ -29,14 +29,13 @@ strategy after decoding, where the numbers are at hand (the row norms).
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Mapping
 
 import numpy as np
 from flwr.app import Array, Message, MetricRecord, RecordDict
 
-from strategies.layout import ArraySlot, ModelLayout
+from strategies.layout import ArraySlot, ModelLayout, UnsupportedNpyVersion, read_npy_header
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
@@ -168,20 +167,14 @@ def _check_payload(array: Array, slot: ArraySlot) -> None:
     """The ``.npy`` header of ``array.data`` agrees with ``slot`` and the payload
     length matches it exactly (header parsing only; nothing is copied)."""
     data = array.data
-    header = io.BytesIO(data)  # shares the bytes object, no copy
     where = f"undecodable array {slot.name!r}"
     try:
-        version = np.lib.format.read_magic(header)
-        if version == (1, 0):
-            shape, _fortran, dtype = np.lib.format.read_array_header_1_0(header)
-        elif version == (2, 0):
-            shape, _fortran, dtype = np.lib.format.read_array_header_2_0(header)
-        else:
-            raise RejectedReply(f"{where}: .npy format version {version}; allowed: 1.0, 2.0")
+        head = read_npy_header(data)
+    except UnsupportedNpyVersion as exc:
+        raise RejectedReply(f"{where}: {exc}") from None
     except (ValueError, TypeError, SyntaxError) as exc:
-        if isinstance(exc, RejectedReply):
-            raise
         raise RejectedReply(f"{where}: payload is not a .npy array ({exc})") from None
+    shape, dtype = head.shape, head.dtype
     if dtype.hasobject:
         raise RejectedReply(
             f"{where}: the .npy payload holds Python objects (a pickle); not allowed"
@@ -191,8 +184,7 @@ def _check_payload(array: Array, slot: ArraySlot) -> None:
             f"{where}: .npy header says {dtype}{list(shape)}, "
             f"metadata says {slot.dtype}{list(slot.shape)}"
         )
-    count = int(np.prod(shape, dtype=np.int64))
-    have, need = len(data) - header.tell(), count * dtype.itemsize
+    have, need = len(data) - head.offset, head.data_bytes
     if have != need:
         raise RejectedReply(
             f"{where}: payload holds {have} data bytes, {slot.dtype}{list(slot.shape)} needs {need}"
