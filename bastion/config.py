@@ -231,12 +231,6 @@ class RunConfig(_FlatModel):
                 "key 'resume' is true and key 'batch-file' is set; allowed: resume with a "
                 "single run (a batch resumes cell by cell: `bastion grid` skips finished cells)"
             )
-        if self.resume and self.dp:
-            raise ValueError(
-                "key 'resume' is true and key 'dp' is true; allowed: resume without DP. Each "
-                "node keeps its privacy ledger per Flower run id and a resumed run gets a new "
-                "one, so the epsilon it reports would leave out the rounds before the crash"
-            )
         if self.local_epochs == 0 and self.local_steps == 0:
             raise ValueError(
                 "keys 'local-epochs' and 'local-steps' are both 0; set local-epochs >= 1 "
@@ -296,6 +290,9 @@ class TrainInstructions(_FlatModel):
     batch_size: int = Field(ge=1)
     round_seed: int = Field(ge=0)
     batch_cell: int = Field(-1, ge=-1)  # the cell of a batch run (bastion.batch), or -1
+    # the Flower run id whose DP privacy ledger this run continues (a resumed run is a
+    # new Flower run; its nodes keep accounting in the first attempt's ledger); 0: own
+    ledger_run: int = Field(0, ge=0)
 
     def sgd_params(self) -> dict[str, int | float]:
         """The keyword arguments of ``task.training.train_local`` (and its DP twin)

@@ -106,7 +106,12 @@ def train(msg: Message, context: Context) -> Message:
     private: PrivateRound | None = None
     if dp is not None:  # DP-SGD, accounted over the whole run (client.privacy)
         private = PrivateRound.for_node(
-            dp, node, instr, run_id=context.run_id, num_examples=len(train_set), run=run
+            dp,
+            node,
+            instr,
+            run_id=instr.ledger_run or context.run_id,
+            num_examples=len(train_set),
+            run=run,
         )
         if private.refusal is not None:
             return budget_error_reply(msg, private.refusal)

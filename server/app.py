@@ -224,6 +224,9 @@ def _run(grid: Grid, cfg: RunConfig, results: RunResults, batch_cell: int = -1) 
         }
 
     num_clients, first_round = 0, 1
+    # DP: nodes account privacy per run in a ledger; a resumed run keeps the first
+    # attempt's (client.privacy), so its epsilon covers the rounds before the crash too
+    ledger_run = int(grid.run.run_id)
     # partition id each node reported (a node that stops replying cannot say it)
     node_partitions: dict[int, int] = {}
     if results.resumed is not None:  # resume: continue after the checkpoint's round
@@ -234,6 +237,7 @@ def _run(grid: Grid, cfg: RunConfig, results: RunResults, batch_cell: int = -1) 
         restore_rng_state(ckpt.rng)
         num_clients = int(ckpt.loop.get("num_clients", 0))
         node_partitions = dict(ckpt.loop.get("node_partitions", {}))
+        ledger_run = int(ckpt.loop.get("ledger_run", ledger_run))
         started -= float(ckpt.loop.get("elapsed_seconds", 0.0))
         first_round = ckpt.round + 1
         log(
@@ -263,7 +267,7 @@ def _run(grid: Grid, cfg: RunConfig, results: RunResults, batch_cell: int = -1) 
         messages = strategy.configure_train(
             server_round,
             arrays,
-            ConfigRecord(instructions | {"batch-cell": batch_cell}),
+            ConfigRecord(instructions | {"batch-cell": batch_cell, "ledger-run": ledger_run}),
             grid,
         )
         num_clients = max(num_clients, len(list(grid.get_node_ids())))
@@ -360,6 +364,7 @@ def _run(grid: Grid, cfg: RunConfig, results: RunResults, batch_cell: int = -1) 
                     "num_clients": num_clients,
                     "elapsed_seconds": row["elapsed_seconds"],
                     "node_partitions": node_partitions,
+                    "ledger_run": ledger_run,
                 },
                 row=row,
             )

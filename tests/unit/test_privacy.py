@@ -368,6 +368,27 @@ def test_a_restarted_node_keeps_the_epsilon_it_spent(state) -> None:
     assert "train-loss" not in third and third["dp-delta"] == 1e-5
 
 
+def test_a_resumed_run_keeps_accounting_in_the_first_attempts_ledger(state) -> None:
+    """A resumed ServerApp is a new Flower run; it sends ``ledger-run`` (the first
+    attempt's run id), and the node's epsilon covers the rounds before the crash."""
+    run = client_run()
+    first = call_client(run, 1).content["metrics"]
+    msg = train_message(run, 2)
+    msg.content["config"]["ledger-run"] = RUN_ID
+    context = Context(
+        run_id=RUN_ID + 1,  # the resumed run's own id
+        node_id=1,
+        node_config={"partition-id": 0, "num-partitions": NUM_PARTITIONS},
+        state=RecordDict(),
+        run_config=run.to_flat(),
+    )
+    second = client_train(msg, context).content["metrics"]
+    sigma, q = second["dp-noise-multiplier"], second["dp-sample-rate"]
+    assert second["dp-rounds"] == 2 and first["dp-epsilon"] < second["dp-epsilon"]
+    assert second["dp-epsilon"] == pytest.approx(independent_epsilon(sigma, q, 6, 1e-5), rel=1e-9)
+    assert not ledger_path(state, RUN_ID + 1, 0).exists()
+
+
 def test_noise_multiplier_zero_clips_without_noise_and_spends_infinite_epsilon(state) -> None:
     """sigma = 0 is DP-SGD's clipping with no noise: it trains, promises nothing
     (epsilon = inf in the reply, and in every later round), and any finite budget

@@ -12,6 +12,7 @@ import json
 import random
 from collections.abc import Iterable
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -222,8 +223,10 @@ class FakeGrid:
     """Four nodes that answer at once; a node's update depends only on the global model
     it receives, the round and the node, so a run is a function of the server alone."""
 
-    def __init__(self, crash_in_round: int | None = None) -> None:
+    def __init__(self, crash_in_round: int | None = None, run_id: int = 1) -> None:
         self.crash_in_round = crash_in_round
+        self.run = SimpleNamespace(run_id=run_id)  # Flower's Grid.run
+        self.ledger_runs: list[int] = []  # "ledger-run" of every training message
         self.pushed: dict[str, Message] = {}
         self.trained: list[tuple[int, int]] = []  # (round, node) of every training message
 
@@ -239,6 +242,7 @@ class FakeGrid:
                 if rnd == self.crash_in_round:
                     raise Crash(f"killed in round {rnd}")
                 self.trained.append((rnd, msg.metadata.dst_node_id))
+                self.ledger_runs.append(int(config["ledger-run"]))
             msg.metadata.__dict__["_message_id"] = msg.object_id
             self.pushed[msg.object_id] = msg
             ids.append(msg.object_id)
@@ -278,17 +282,19 @@ def test_a_killed_and_resumed_run_ends_with_the_uninterrupted_runs_model(tmp_pat
 
     out = tmp_path / "crash"
     random.seed(42)
-    killed = FakeGrid(crash_in_round=3)
+    killed = FakeGrid(crash_in_round=3, run_id=5)
     with pytest.raises(Crash):
         _run_one(killed, RunConfig.from_flat(flat | {"output-dir": str(out)}))
     assert json.loads((out / "summary.json").read_text())["status"] == "failed"
 
     random.seed(999)  # a new process: different state until the checkpoint's is restored
-    resumed = FakeGrid()
+    resumed = FakeGrid(run_id=9)  # a resumed run is a new Flower run
     _run_one(resumed, RunConfig.from_flat(flat | {"output-dir": str(out), "resume": True}))
 
     assert [r for r, _ in resumed.trained] == [3, 3, 4, 4]  # round 3 is next, once
     assert killed.trained + resumed.trained == reference.trained  # same nodes sampled
+    # DP nodes go on accounting in the first attempt's privacy ledger (client.privacy)
+    assert set(killed.ledger_runs) == set(resumed.ledger_runs) == {5}
     final = torch.load(out / "checkpoints" / "round-0004.pt", weights_only=True)
     expect = torch.load(tmp_path / "ref" / "checkpoints" / "round-0004.pt", weights_only=True)
     for key, value in expect["model"].items():
@@ -331,8 +337,6 @@ def test_bastion_run_resume_checks_the_checkpoint_before_starting_anything(
 
 
 def test_resume_is_refused_where_it_cannot_be_faithful() -> None:
-    with pytest.raises(ConfigError, match=r"'resume' is true and key 'dp' is true.*ledger"):
-        RunConfig.from_flat({"resume": True, "dp": True})
     with pytest.raises(ConfigError, match="'resume' is true and key 'batch-file' is set"):
         RunConfig.from_flat({"resume": True, "batch-file": "cells.json"})
     assert RunConfig.from_flat({"resume": True}).resume
