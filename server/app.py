@@ -270,7 +270,8 @@ def _run(grid: Grid, cfg: RunConfig, results: RunResults, batch_cell: int = -1) 
             ConfigRecord(instructions | {"batch-cell": batch_cell, "ledger-run": ledger_run}),
             grid,
         )
-        num_clients = max(num_clients, len(list(grid.get_node_ids())))
+        online = list(grid.get_node_ids())
+        num_clients = max(num_clients, len(online))
         replies, missing = send_and_receive(grid, messages, cfg.round_timeout)
         if adversary is not None:
             adversary.tamper(replies, arrays, int(instructions["round-seed"]))
@@ -302,12 +303,11 @@ def _run(grid: Grid, cfg: RunConfig, results: RunResults, batch_cell: int = -1) 
                 "quarantined",
                 "left out: quarantined until round "
                 f"{strategy.reputation.nodes[node_id].quarantined_until}",
+                partition_id=node_partitions.get(node_id),
             )
             for node_id in quarantined
         ]
-        newly_quarantined = strategy.update_reputation(
-            server_round, nodes, online=grid.get_node_ids()
-        )
+        newly_quarantined = strategy.update_reputation(server_round, nodes, online=online)
         for gone in missing.values():
             log(
                 WARNING,

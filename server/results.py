@@ -41,6 +41,7 @@ import torch
 from flwr.common import log
 
 from bastion.config import ConfigError, RunConfig
+from bastion.runlog import read_jsonl
 
 
 def default_run_dir(base: str | Path = "runs", dataset: str = "run") -> Path:
@@ -325,21 +326,6 @@ def check_resume_config(
         )
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    """The JSON lines of ``path`` (none if missing); a torn last line is dropped."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # the line a killed writer left half-written
-    return rows
-
-
 def _write_rows(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
     _write_atomic(path, "".join(json.dumps(dict(r)) + "\n" for r in rows).encode())
 
@@ -356,7 +342,7 @@ def rewind_run_dir(run_dir: str | Path, ckpt: Checkpoint) -> tuple[list[dict], l
     """
     run_dir = Path(run_dir)
     by_round: dict[int, dict[str, Any]] = {}
-    for row in _read_rows(run_dir / "metrics.jsonl"):
+    for row in read_jsonl(run_dir / "metrics.jsonl"):
         rnd = row.get("round")
         if isinstance(rnd, int) and 0 <= rnd <= ckpt.round:
             by_round.setdefault(rnd, row)  # the first attempt's row of a round wins
@@ -365,7 +351,7 @@ def rewind_run_dir(run_dir: str | Path, ckpt: Checkpoint) -> tuple[list[dict], l
     metrics = [by_round[r] for r in sorted(by_round)]
     diagnostics = [
         row
-        for row in _read_rows(run_dir / "diagnostics.jsonl")
+        for row in read_jsonl(run_dir / "diagnostics.jsonl")
         if not isinstance(row.get("round"), int) or row["round"] <= ckpt.round
     ]
     _write_rows(run_dir / "metrics.jsonl", metrics)

@@ -235,11 +235,10 @@ class RobustStrategy(FedAvg):
         if newly:
             log(
                 WARNING,
-                "round %d: quarantined node(s) %s for %d round(s) (suspicion >= %.2f)",
+                "round %d: quarantined (suspicion >= %.2f), node: last round out: %s",
                 server_round,
-                newly,
-                self.reputation.config.quarantine_rounds,
                 self.reputation.config.quarantine_threshold,
+                {n: self.reputation.nodes[n].quarantined_until for n in newly},
             )
         return newly
 
