@@ -374,6 +374,7 @@ class LocalFederation:
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop every process group this federation started (TERM, then KILL)."""
+        groups = tagged_groups(FEDERATION_TAG_VAR, self.tag)  # while all are findable
         for proc in reversed(self.processes):
             _signal_group(proc.popen, signal.SIGTERM)
         deadline = time.monotonic() + grace
@@ -386,14 +387,7 @@ class LocalFederation:
             if proc.popen.poll() is None:
                 proc.popen.wait(timeout=5)
             proc.log_file.close()
-        deadline = time.monotonic() + 10.0
-        while (left := processes_with_env(FEDERATION_TAG_VAR, self.tag)) and (
-            time.monotonic() < deadline
-        ):
-            for pid in left:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.1)
+        kill_tagged(FEDERATION_TAG_VAR, self.tag, groups)
         shutil.rmtree(self.flwr_home, ignore_errors=True)
 
     def group_ids(self) -> list[int]:
@@ -414,6 +408,76 @@ def _process_group(pid: int) -> int | None:
     except OSError:
         return None
     return int(stat.rsplit(")", 1)[1].split()[2])
+
+
+def tagged_groups(name: str, value: str) -> set[int]:
+    """Process groups of the processes whose environment has ``name=value``.
+
+    Never the caller's own group (nor 0 or 1): signalling those would hit the caller.
+    """
+    own = os.getpgrp()
+    groups = {_process_group(pid) for pid in processes_with_env(name, value)}
+    return {g for g in groups if g is not None and g > 1 and g != own}
+
+
+def processes_in_groups(groups: set[int]) -> list[int]:
+    """PIDs of live (non-zombie) processes in any of ``groups``."""
+    if not groups:
+        return []
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            fields = stat.rsplit(")", 1)[1].split()
+            if fields[0] != "Z" and int(fields[2]) in groups:
+                found.append(int(entry.name))
+    return found
+
+
+def kill_tagged(
+    name: str,
+    value: str,
+    groups: set[int] | None = None,
+    timeout: float = 15.0,
+    quiet_scans: int = 3,
+) -> list[int]:
+    """SIGKILL every process whose environment has ``name=value``, and their process groups.
+
+    Flower's SuperExec, ServerApps, ClientApps and Ray's processes run in sessions of
+    their own, so the environment tag is what finds them. The tag alone is not enough:
+    Ray's agents rename themselves with ``setproctitle``, which overwrites part of the
+    environment area that ``/proc/PID/environ`` shows, so a variable can vanish from
+    it (seen in CI: ``ray::DashboardAgent`` kept ``BASTION_TEST_TAG`` but lost
+    ``BASTION_SIMULATION_ID``). Every member of a process group that held a tagged
+    process is therefore killed too: ``groups`` learned by ``tagged_groups`` before a
+    graceful shutdown began (when every group still had a findable member), plus the
+    groups of what each scan finds. Scans repeat until ``quiet_scans`` in a row find
+    nothing (a process forked between two scans is caught by the next) or ``timeout``
+    seconds pass. The caller's own process group is never signalled.
+
+    Returns the PIDs still alive at the end (logged as a warning): empty on success.
+    """
+    groups = set(groups or ()) | tagged_groups(name, value)
+    deadline, quiet = time.monotonic() + timeout, 0
+    while True:
+        groups |= tagged_groups(name, value)
+        left = sorted(set(processes_with_env(name, value)) | set(processes_in_groups(groups)))
+        for group in groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, signal.SIGKILL)
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        quiet = 0 if left else quiet + 1
+        if quiet >= quiet_scans:
+            return []
+        if time.monotonic() > deadline:
+            log.warning("still alive %.0f s after SIGKILL (%s=%s): %s", timeout, name, value, left)
+            return left
+        time.sleep(0.1)
 
 
 def _signal_group(popen: subprocess.Popen, sig: signal.Signals) -> None:

@@ -47,7 +47,14 @@ from pathlib import Path
 from typing import IO, Any
 
 from bastion.config import format_overrides
-from bastion.federation import flower_bin, free_port, processes_with_env, wait_for_port
+from bastion.federation import (
+    flower_bin,
+    free_port,
+    kill_tagged,
+    processes_with_env,
+    tagged_groups,
+    wait_for_port,
+)
 from bastion.runlog import read_new_rows
 
 __all__ = [
@@ -188,6 +195,18 @@ class _SimulationProcesses:
     env: dict[str, str]
     tag: str
     procs: list[_Proc] = field(default_factory=list)
+    groups: set[int] = field(default_factory=set)
+    _groups_seen_at: float = 0.0
+
+    def remember_groups(self, every: float = 1.0) -> None:
+        """Note the process groups of this simulation's processes (at most every ``every`` s).
+
+        ``stop`` kills every member of them: Ray's agents can lose the tag from what
+        ``/proc`` shows of their environment (see ``kill_tagged``).
+        """
+        if time.monotonic() - self._groups_seen_at >= every:
+            self.groups |= tagged_groups(SIMULATION_TAG_VAR, self.tag)
+            self._groups_seen_at = time.monotonic()
 
     def start(self, name: str, args: list[str]) -> _Proc:
         log_file = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - closed in stop()
@@ -228,6 +247,7 @@ class _SimulationProcesses:
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM everything (the simulation first: it shuts Ray down), then SIGKILL."""
+        self.remember_groups(every=0.0)
         for pid in self.tagged("flwr-simulation"):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGTERM)
@@ -240,12 +260,7 @@ class _SimulationProcesses:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
         # SuperExec, flwr-simulation and Ray run in sessions of their own: the tag finds them.
-        deadline = time.monotonic() + 15.0
-        while (left := self.tagged()) and time.monotonic() < deadline:
-            for pid in left:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.1)
+        kill_tagged(SIMULATION_TAG_VAR, self.tag, self.groups)
         for proc in self.procs:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.popen.pid, signal.SIGKILL)
@@ -413,6 +428,7 @@ def run_simulation(
         )
         deadline = None if timeout is None else started + timeout
         while True:
+            procs.remember_groups()
             finished = runner.popen.poll() is not None
             new, metrics_offset = read_new_rows(metrics_path, metrics_offset)
             for row in new:

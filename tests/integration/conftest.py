@@ -37,6 +37,26 @@ def tagged_processes(tag: str) -> list[int]:
     return processes_with_env("BASTION_TEST_TAG", tag)
 
 
+def describe_processes(pids: list[int]) -> str:
+    """One line per PID: state, parent and command line, for a failure message."""
+    lines = []
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+            cmd = (
+                Path(f"/proc/{pid}/cmdline")
+                .read_bytes()
+                .replace(b"\0", b" ")
+                .decode(errors="replace")
+            )
+            state, ppid = fields.get("State", "?").strip(), fields.get("PPid", "?").strip()
+            lines.append(f"{pid} state={state} ppid={ppid} cmd={cmd.strip()[:300]!r}")
+        except OSError as exc:
+            lines.append(f"{pid} gone ({exc.__class__.__name__})")
+    return "\n".join(lines)
+
+
 @pytest.fixture
 def bastion_env(tmp_path):
     """Environment for a ``bastion run`` subprocess: private cache, a tag to find its processes."""

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import bastion.simulation as simulation
+from bastion.federation import processes_in_groups, tagged_groups
 from bastion.simulation import (
     RAY_MISSING_MESSAGE,
     SimulationUnavailableError,
@@ -21,7 +22,7 @@ from bastion.simulation import (
     run_simulation,
 )
 from task.federated import PartitionSpec, load_client_data
-from tests.integration.conftest import ROOT, tagged_processes
+from tests.integration.conftest import ROOT, describe_processes, tagged_processes
 
 pytestmark = pytest.mark.integration
 
@@ -64,6 +65,12 @@ def test_six_virtual_supernodes_train_digits_and_nothing_is_left_running(tmp_pat
     env, tag = bastion_env
     out = tmp_path / "run"
     seen: list[int] = []
+    groups: set[int] = set()  # process groups of the simulation, noted while it runs
+
+    def on_round(row: dict) -> None:
+        seen.append(row["round"])
+        groups.update(tagged_groups("BASTION_TEST_TAG", tag))
+
     result = run_simulation(
         num_supernodes=NUM_CLIENTS,
         run_config={
@@ -78,13 +85,15 @@ def test_six_virtual_supernodes_train_digits_and_nothing_is_left_running(tmp_pat
         cpus_per_client=1,
         env=env,
         timeout=400,
-        on_round=lambda row: seen.append(row["round"]),
+        on_round=on_round,
     )
     flwr_log = (result.log_dir / "flwr-run.log").read_text(errors="replace")
     assert result.exit_code == 0, f"{result.error}\n{flwr_log[-4000:]}"
     # Every process of the simulation (SuperLink, SuperExec, flwr-simulation, Ray's
-    # GCS, raylet, agents and actors) inherited the test's tag and is gone.
-    assert tagged_processes(tag) == []
+    # GCS, raylet, agents and actors) inherited the test's tag and is gone, and so is
+    # every member of their process groups (a Ray agent's environment can hide the tag).
+    left = tagged_processes(tag) + processes_in_groups(groups)
+    assert groups and left == [], describe_processes(left)
     assert result.output_dir == out.resolve() and seen == [0, 1, 2]
 
     summary = json.loads((out / "summary.json").read_text())
@@ -140,13 +149,15 @@ def test_interrupt_stops_ray_and_every_flower_process(tmp_path, bastion_env):
             assert proc.poll() is None, "the simulation ended before it was interrupted"
             assert time.monotonic() < deadline, "no ClientApp actor started within 300 s"
             time.sleep(0.5)
+        groups = tagged_groups("BASTION_TEST_TAG", tag)  # the caller's (pytest's) excluded
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=90) != 0
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert tagged_processes(tag) == []
+    left = tagged_processes(tag) + processes_in_groups(groups)
+    assert groups and left == [], f"still running after the interrupt:\n{describe_processes(left)}"
 
 
 def _actors(tag: str) -> list[int]:

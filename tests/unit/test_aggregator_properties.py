@@ -15,8 +15,7 @@ from hypothesis import strategies as st
 from strategies import _kernels as K
 from strategies.registry import build_aggregator, build_preaggregator
 
-SETTINGS = settings(max_examples=25, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 seeds = st.integers(min_value=0, max_value=2**31 - 1)
 
@@ -192,8 +191,11 @@ def test_far_outliers_do_not_escape_the_honest_range(name, n_honest, f, d, seed,
 # Agreement with float64 brute force                                           #
 # --------------------------------------------------------------------------- #
 @SETTINGS
-@given(prob=problems(min_n=5, max_n=14, max_d=40), data=st.data(),
-       offset=st.sampled_from([0.0, 10.0, 1e4]))
+@given(
+    prob=problems(min_n=5, max_n=14, max_d=40),
+    data=st.data(),
+    offset=st.sampled_from([0.0, 10.0, 1e4]),
+)
 def test_krum_and_multi_krum_match_brute_force(prob, data, offset):
     x, n = prob
     x = (x + offset).float()  # float32 updates sharing a large component
@@ -203,8 +205,9 @@ def test_krum_and_multi_krum_match_brute_force(prob, data, offset):
     order = ref_krum_order(dist, n - f - 2)
     out = build_aggregator("krum", num_byzantine=f).aggregate(x)
     assert out.selected.item() == order[0]
-    np.testing.assert_allclose(out.scores.numpy(), scores, rtol=1e-9,
-                               atol=1e-12 * float(scores.max()))
+    np.testing.assert_allclose(
+        out.scores.numpy(), scores, rtol=1e-9, atol=1e-12 * float(scores.max())
+    )
     m = data.draw(st.integers(1, n - f))
     mk = build_aggregator("multi-krum", num_byzantine=f, m=m).aggregate(x)
     best = order[:m]
@@ -221,8 +224,9 @@ def test_bulyan_matches_brute_force(prob, data):
     picks, expected = ref_bulyan(x, f)
     out = build_aggregator("bulyan", num_byzantine=f).aggregate(x)
     assert out.selected.tolist() == picks
-    np.testing.assert_allclose(out.vector.numpy(), expected, rtol=1e-12,
-                               atol=1e-12 * float(x.abs().max()))
+    np.testing.assert_allclose(
+        out.vector.numpy(), expected, rtol=1e-12, atol=1e-12 * float(x.abs().max())
+    )
 
 
 @SETTINGS
@@ -231,8 +235,9 @@ def test_nnm_matches_brute_force(prob, data):
     x, n = prob
     f = data.draw(st.integers(0, (n - 1) // 2))
     out = build_preaggregator("nnm")(x, num_byzantine=f)
-    np.testing.assert_allclose(out.updates.numpy(), ref_nnm(x, f), rtol=1e-12,
-                               atol=1e-12 * float(x.abs().max()))
+    np.testing.assert_allclose(
+        out.updates.numpy(), ref_nnm(x, f), rtol=1e-12, atol=1e-12 * float(x.abs().max())
+    )
     assert out.num_byzantine == f
 
 
@@ -279,8 +284,9 @@ def test_large_n_falls_back_to_sort_with_same_result(n, seed):
     ref = torch.sort(x, dim=0).values
     med = ref[n // 2] if n % 2 else (ref[n // 2 - 1] + ref[n // 2]) / 2
     assert torch.equal(K.coordinate_median(x), med)
-    assert torch.equal(K.coordinate_trimmed_mean(x, 10),
-                       ref.double()[10 : n - 10].sum(0).div(n - 20).float())
+    assert torch.equal(
+        K.coordinate_trimmed_mean(x, 10), ref.double()[10 : n - 10].sum(0).div(n - 20).float()
+    )
 
 
 @pytest.mark.parametrize("n", list(range(1, 19)))
@@ -335,8 +341,9 @@ def test_resample_mixing_structure(n, data, seed):
     used = out.mixing != 0
     assert bool((used.sum(dim=1) == s).all())  # each output averages exactly s inputs
     assert bool((used.sum(dim=0) <= s).all())  # each input used at most s times
-    assert torch.allclose(out.mixing[used], torch.full((int(used.sum()),), 1.0 / s,
-                                                       dtype=torch.float64))
+    assert torch.allclose(
+        out.mixing[used], torch.full((int(used.sum()),), 1.0 / s, dtype=torch.float64)
+    )
     assert torch.allclose(out.updates, out.mixing @ x, rtol=1e-12, atol=1e-12)
     assert out.num_byzantine == min(s * f, n)
 

@@ -39,8 +39,12 @@ def test_mean_unweighted_and_weighted_by_hand():
 
 @pytest.mark.parametrize(
     ("weights", "match"),
-    [([1.0, -1.0, 1.0], "non-negative"), ([1.0, float("nan"), 1.0], "finite"),
-     ([0.0, 0.0, 0.0], "positive sum"), ([1.0, 1.0], "n=3")],
+    [
+        ([1.0, -1.0, 1.0], "non-negative"),
+        ([1.0, float("nan"), 1.0], "finite"),
+        ([0.0, 0.0, 0.0], "positive sum"),
+        ([1.0, 1.0], "n=3"),
+    ],
 )
 def test_mean_rejects_bad_weights(weights, match):
     with pytest.raises(ValueError, match=match):
@@ -209,8 +213,13 @@ def test_bulyan_coordinate_phase_by_hand():
     # col 3: {-5,0,1,1.5,2} med 1, keep {1,1.5} + tie 0 vs 2 (both at 1): the
     #        larger is dropped -> {0,1,1.5} -> 2.5/3
     # col 4: {9,-4,0,4,-9}  med 0, keep {-4,0,4}      -> 0
-    cols = [[0, 1, 2, 3, 7], [0, 10, 11, 12, 30], [1, 2, 3, 4, 10], [-5, 0, 1, 1.5, 2],
-            [9, -4, 0, 4, -9]]
+    cols = [
+        [0, 1, 2, 3, 7],
+        [0, 10, 11, 12, 30],
+        [1, 2, 3, 4, 10],
+        [-5, 0, 1, 1.5, 2],
+        [9, -4, 0, 4, -9],
+    ]
     x = t(cols).T.contiguous()
     out = K.bulyan_coordinate_phase(x, torch.arange(5), 1)
     assert torch.allclose(out, t([2, 11, 3, 2.5 / 3, 0]))
@@ -344,8 +353,13 @@ def test_rules_that_need_f_say_so(name):
 @pytest.mark.parametrize("name", AGGREGATORS)
 @pytest.mark.parametrize(
     ("x", "match"),
-    [(torch.zeros(3), "2-D"), (torch.zeros(2, 3, 4), "2-D"), (torch.zeros(0, 3), "n=0"),
-     (torch.zeros(3, 0), "d=0"), (torch.zeros(3, 2, dtype=torch.int64), "floating")],
+    [
+        (torch.zeros(3), "2-D"),
+        (torch.zeros(2, 3, 4), "2-D"),
+        (torch.zeros(0, 3), "n=0"),
+        (torch.zeros(3, 0), "d=0"),
+        (torch.zeros(3, 2, dtype=torch.int64), "floating"),
+    ],
 )
 def test_bad_shapes_and_dtypes_are_rejected(name, x, match):
     with pytest.raises(ValueError, match=match):
@@ -397,8 +411,16 @@ def test_output_dtype_follows_input():
 # Registry                                                                     #
 # --------------------------------------------------------------------------- #
 def test_registry_names():
-    assert AGGREGATORS == ("mean", "median", "trimmed-mean", "krum", "multi-krum",
-                           "geometric-median", "bulyan", "centered-clipping")
+    assert AGGREGATORS == (
+        "mean",
+        "median",
+        "trimmed-mean",
+        "krum",
+        "multi-krum",
+        "geometric-median",
+        "bulyan",
+        "centered-clipping",
+    )
     assert PREAGGREGATORS == ("clip", "resample", "bucket", "nnm")
 
 
@@ -434,9 +456,13 @@ def test_missing_required_parameter():
 
 @pytest.mark.parametrize(
     ("name", "params", "match"),
-    [("geometric-median", {"max_iter": 0}, "max_iter"), ("geometric-median", {"nu": -1}, "nu"),
-     ("centered-clipping", {"tau": 0}, "tau"), ("centered-clipping", {"iterations": 1.5}, "int"),
-     ("multi-krum", {"m": 0}, "m")],
+    [
+        ("geometric-median", {"max_iter": 0}, "max_iter"),
+        ("geometric-median", {"nu": -1}, "nu"),
+        ("centered-clipping", {"tau": 0}, "tau"),
+        ("centered-clipping", {"iterations": 1.5}, "int"),
+        ("multi-krum", {"m": 0}, "m"),
+    ],
 )
 def test_bad_parameter_values(name, params, match):
     with pytest.raises(ValueError, match=match):

@@ -182,8 +182,12 @@ def test_randomized_state_round_trip(name):
 
 @pytest.mark.parametrize(
     ("name", "params", "match"),
-    [("clip", {"max_norm": 0}, "max_norm"), ("resample", {"s": 0}, "s"),
-     ("bucket", {"s": 1.5}, "int"), ("bucket", {"seed": "x"}, "seed")],
+    [
+        ("clip", {"max_norm": 0}, "max_norm"),
+        ("resample", {"s": 0}, "s"),
+        ("bucket", {"s": 1.5}, "int"),
+        ("bucket", {"seed": "x"}, "seed"),
+    ],
 )
 def test_bad_parameter_values(name, params, match):
     with pytest.raises(ValueError, match=match):
@@ -197,8 +201,7 @@ def test_pipeline_traces_outputs_to_clients():
     x = randn(10, 40, seed=8)
     x[7] += 100.0  # one Byzantine
     bucket = build_preaggregator("bucket", s=2, seed=0)
-    pipe = compose([build_preaggregator("clip", max_norm=1e6), bucket],
-                   build_aggregator("krum"))
+    pipe = compose([build_preaggregator("clip", max_norm=1e6), bucket], build_aggregator("krum"))
     out = pipe.aggregate(x, num_byzantine=1)
     assert out.stage_byzantine == (1, 1)
     assert out.num_byzantine == 1
@@ -211,9 +214,13 @@ def test_pipeline_traces_outputs_to_clients():
 
 def test_pipeline_equals_manual_chaining_and_checkpoints():
     x = randn(12, 30, seed=9)
+
     def make():
-        return compose([build_preaggregator("resample", s=2, seed=4),
-                        build_preaggregator("nnm")], build_aggregator("median"))
+        return compose(
+            [build_preaggregator("resample", s=2, seed=4), build_preaggregator("nnm")],
+            build_aggregator("median"),
+        )
+
     pipe = make()
     r1 = build_preaggregator("resample", s=2, seed=4)(x, num_byzantine=2)
     r2 = build_preaggregator("nnm")(r1.updates, num_byzantine=r1.num_byzantine)
