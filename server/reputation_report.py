@@ -62,16 +62,25 @@ def node_standings(rows: Iterable[Mapping[str, Any]]) -> dict[int, dict[str, Any
 
 def reputation_summary(standings: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
     """The run summary's reputation fields: the quarantined nodes, and against the
-    experiment's ground truth (nodes that declared themselves malicious) how many of
-    each kind were quarantined and their mean highest suspicion."""
+    experiment's ground truth how many of each kind were quarantined and their mean
+    highest suspicion.
+
+    *Malicious*: nodes that declared themselves malicious (an accepted reply said so).
+    *Honest*: nodes that neither declared it nor ever sent a reply that validation
+    rejected. Nodes that only sent rejected replies (a ``malformed`` node, a broken
+    client) never get to declare anything, so they are listed apart, in
+    ``nodes_with_rejected_replies``, instead of counting as honest.
+    """
 
     def mean(values: list[float]) -> float | None:
         return sum(values) / len(values) if values else None
 
     bad = [s for s in standings.values() if s["malicious"]]
-    good = [s for s in standings.values() if not s["malicious"]]
+    rejecting = [s for s in standings.values() if not s["malicious"] and s["rounds_rejected"]]
+    good = [s for s in standings.values() if not s["malicious"] and not s["rounds_rejected"]]
     return {
         "nodes_quarantined": sorted(n for n, s in standings.items() if s["rounds_quarantined"]),
+        "nodes_with_rejected_replies": sorted(int(s["node_id"]) for s in rejecting),
         "quarantined_malicious": sum(1 for s in bad if s["rounds_quarantined"]),
         "quarantined_honest": sum(1 for s in good if s["rounds_quarantined"]),
         "max_suspicion_malicious": mean([float(s["max_suspicion"]) for s in bad]),

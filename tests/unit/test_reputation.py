@@ -11,7 +11,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.supercore.task_identity import TaskIdentity
 
 from bastion.config import ConfigError, RunConfig
-from server.reputation_report import node_standings, write_reputation_report
+from server.reputation_report import (
+    node_standings,
+    reputation_summary,
+    write_reputation_report,
+)
 from strategies import build_aggregator, compose
 from strategies.reputation import Reputation, ReputationConfig
 from strategies.strategy import (
@@ -244,6 +248,12 @@ def test_report_lists_each_nodes_rounds_and_draws_the_heatmap(tmp_path) -> None:
     assert standings[11]["rounds_unselected"] == [2]
     assert standings[12]["rounds_rejected"] == [1] and standings[12]["rounds_quarantined"] == [2]
     assert standings[12]["max_suspicion"] == 0.3 and standings[12]["final_suspicion"] == 0.21
+    honest = {"round": 1, "node_id": 13, "status": "accepted", "suspicion": 0.0}
+    summary = reputation_summary(node_standings([*rows, honest]))
+    # Node 12 sent a rejected reply and never declared anything: not counted as honest.
+    assert summary["nodes_with_rejected_replies"] == [12]
+    assert summary["nodes_quarantined"] == [12] and summary["quarantined_honest"] == 0
+    assert summary["max_suspicion_honest"] == 0.0 and summary["max_suspicion_malicious"] == 0.05
     (tmp_path / "diagnostics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     write_reputation_report(tmp_path, threshold=0.5)
     written = json.loads((tmp_path / "reputation.json").read_text())
