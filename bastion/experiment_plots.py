@@ -22,9 +22,9 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from bastion.experiments import Cell, Sweep, cell_row, defence
+from bastion.figures import save_figure
 from bastion.runlog import read_jsonl
 
 PANEL_KEYS = ("partitioner", "attack")
@@ -93,7 +93,7 @@ def plot_grid(
         ax.set_title(f"final accuracy ({part})", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.03)
         fig.tight_layout()
-        written.append(_save(fig, out / f"heatmap-{part}.png"))
+        written.append(save_figure(fig, out / f"heatmap-{part}.png", dpi=110, tight=False))
 
     # Krum's choices over nodes
     krum = [
@@ -126,7 +126,7 @@ def plot_grid(
         for ax in list(axes.flat)[len(krum) :]:
             ax.axis("off")
         fig.tight_layout()
-        written.append(_save(fig, out / "krum_selection.png"))
+        written.append(save_figure(fig, out / "krum_selection.png", dpi=110, tight=False))
 
     # malicious influence per round
     attacked = [(c, d) for c, d in done if c.labels.get("attack", "none") != "none"]
@@ -179,7 +179,7 @@ def _privacy_plot(done: list[tuple[Cell, Path]], path: Path) -> Path:
     right.set(ylabel="max whole-run epsilon (log)", title="privacy spent (largest over nodes)")
     right.set_yscale("log")
     fig.tight_layout()
-    return _save(fig, path)
+    return save_figure(fig, path, dpi=110, tight=False)
 
 
 def _sweep_plot(sweep: Sweep, out: Path) -> Path | None:
@@ -209,7 +209,7 @@ def _sweep_plot(sweep: Sweep, out: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
-    return _save(fig, out / f"sweep-{sweep.name}.png")
+    return save_figure(fig, out / f"sweep-{sweep.name}.png", dpi=110, tight=False)
 
 
 def _curves(
@@ -245,12 +245,4 @@ def _curves(
     if labels:
         fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=7)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
-    return _save(fig, path)
-
-
-def _save(fig: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110, tight=False)

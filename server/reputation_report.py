@@ -22,8 +22,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from bastion.figures import save_figure
 from bastion.runlog import read_jsonl
-from server.results import save_figure
 
 
 def node_standings(rows: Iterable[Mapping[str, Any]]) -> dict[int, dict[str, Any]]:

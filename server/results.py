@@ -41,6 +41,7 @@ import torch
 from flwr.common import log
 
 from bastion.config import ConfigError, RunConfig
+from bastion.figures import save_figure
 from bastion.runlog import read_jsonl
 
 
@@ -109,18 +110,6 @@ def _set_aside_previous_run(run_dir: Path) -> Path | None:
         if (run_dir / name).exists():
             os.replace(run_dir / name, target / name)
     return target
-
-
-def save_figure(fig: Any, path: Path) -> Path:
-    """Lay out, save (atomically: a reader never sees half a PNG) and close ``fig``."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
 
 
 #: layout version of ``round-NNNN.pt`` (:meth:`RunResults.checkpoint`); resume refuses others
