@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from bastion.federation import processes_with_env
+from bastion.federation import LocalFederation, processes_with_env
 
 ROOT = Path(__file__).resolve().parents[2]
 FLOWER_NAMES = (
@@ -79,3 +81,42 @@ def run_bastion(
         timeout=timeout,
         check=False,
     )
+
+
+def run_local_federation(
+    tmp_path: Path,
+    bastion_env: tuple[dict[str, str], str],
+    num_nodes: int,
+    run_config: dict[str, Any],
+    *,
+    timeout: float,
+    node_config: dict[int, dict[str, Any]] | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Run the Bastion app once on a real loopback federation and check it ended well.
+
+    Starts a :class:`LocalFederation` of ``num_nodes`` SuperNodes (TLS and node
+    authentication on, one torch thread each, the test's tag and cache), submits
+    the app with ``run_config`` (``output-dir`` set to ``tmp_path / "run"``), waits
+    up to ``timeout`` seconds and stops every process. Asserts that none is left
+    running and that the run completed (else shows the end of the run log).
+    Returns the run directory and its ``summary.json``.
+    """
+    env, tag = bastion_env
+    out = tmp_path / "run"
+    with LocalFederation(
+        num_nodes,
+        tmp_path / "logs",
+        node_config=node_config or {},
+        torch_threads=1,
+        env={k: env[k] for k in ("BASTION_TEST_TAG", "BASTION_CACHE_DIR")},
+    ) as fed:
+        fed.start()
+        runner = fed.submit(ROOT, {**run_config, "output-dir": str(out)})
+        runner.popen.wait(timeout=timeout)
+    left = tagged_processes(tag)
+    assert left == [], describe_processes(left)
+    log = tmp_path / "logs" / "flwr-run.log"
+    assert (out / "summary.json").exists(), log.read_text(errors="replace")[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed", log.read_text(errors="replace")[-3000:]
+    return out, summary

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bastion.federation import LocalFederation
-from tests.integration.conftest import ROOT, tagged_processes
+from tests.integration.conftest import run_local_federation, tagged_processes
 
 pytestmark = pytest.mark.integration
 
@@ -37,41 +36,25 @@ NUM_NODES = 12
 
 
 def test_one_malicious_node_of_each_kind_shows_in_the_diagnostics(tmp_path, bastion_env):
-    env, tag = bastion_env
     nodes = {pid: dict(cfg) for pid, cfg in NODES.items()}
     for pid in (5, 6):
         nodes[pid]["collusion-dir"] = str(tmp_path / "alie-channel")
     for pid in (7, 8):
         nodes[pid]["collusion-dir"] = str(tmp_path / "mimic-channel")
-    out = tmp_path / "run"
-    fed = LocalFederation(
+    out, _ = run_local_federation(
+        tmp_path,
+        bastion_env,
         NUM_NODES,
-        tmp_path / "logs",
+        {
+            "num-server-rounds": 1,
+            "local-steps": 5,
+            "aggregator": "median",
+            "min-available-nodes": NUM_NODES,
+            "min-train-nodes": NUM_NODES,
+        },
+        timeout=420,
         node_config=nodes,
-        torch_threads=1,
-        env={k: env[k] for k in ("BASTION_TEST_TAG", "BASTION_CACHE_DIR")},
     )
-    try:
-        fed.start()
-        runner = fed.submit(
-            ROOT,
-            {
-                "num-server-rounds": 1,
-                "local-steps": 5,
-                "aggregator": "median",
-                "min-available-nodes": NUM_NODES,
-                "min-train-nodes": NUM_NODES,
-                "output-dir": str(out),
-            },
-        )
-        runner.popen.wait(timeout=420)
-    finally:
-        fed.stop()
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "completed", (tmp_path / "logs" / "flwr-run.log").read_text()[
-        -3000:
-    ]
-    assert tagged_processes(tag) == []
 
     diags = [json.loads(line) for line in (out / "diagnostics.jsonl").read_text().splitlines()]
     by_pid = {d["partition_id"]: d for d in diags}

@@ -19,9 +19,8 @@ import re
 import pytest
 import torch
 
-from bastion.federation import LocalFederation
 from client.malformed import KIND_NAMES, kind_for_round
-from tests.integration.conftest import ROOT, tagged_processes
+from tests.integration.conftest import run_local_federation
 from tests.unit.test_malformed import EXPECTED_REASONS
 
 pytestmark = pytest.mark.integration
@@ -37,35 +36,22 @@ LOG_LINE = re.compile(
 
 
 def test_every_malformed_kind_is_rejected_over_a_real_federation(tmp_path, bastion_env):
-    env, tag = bastion_env
-    out = tmp_path / "run"
-    with LocalFederation(
+    out, summary = run_local_federation(
+        tmp_path,
+        bastion_env,
         NUM_NODES,
-        tmp_path / "logs",
+        {
+            "num-server-rounds": ROUNDS,
+            "local-steps": 5,
+            "aggregator": "mean",
+            "min-available-nodes": NUM_NODES,
+            "min-train-nodes": NUM_NODES,
+            "round-timeout": 60.0,
+            "max-reply-bytes": MAX_REPLY_BYTES,
+        },
+        timeout=480,
         node_config={pid: {"role": "malformed"} for pid in MALFORMED},
-        torch_threads=1,
-        env={k: env[k] for k in ("BASTION_TEST_TAG", "BASTION_CACHE_DIR")},
-    ) as fed:
-        fed.start()
-        runner = fed.submit(
-            ROOT,
-            {
-                "num-server-rounds": ROUNDS,
-                "local-steps": 5,
-                "aggregator": "mean",
-                "min-available-nodes": NUM_NODES,
-                "min-train-nodes": NUM_NODES,
-                "round-timeout": 60.0,
-                "max-reply-bytes": MAX_REPLY_BYTES,
-                "output-dir": str(out),
-            },
-        )
-        runner.popen.wait(timeout=480)
-    assert tagged_processes(tag) == []
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "completed", (tmp_path / "logs" / "flwr-run.log").read_text()[
-        -3000:
-    ]
+    )
     assert summary["rounds"] == ROUNDS
 
     # Ground truth from the malformed nodes' own logs; it must follow the documented rule.

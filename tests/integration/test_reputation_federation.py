@@ -14,9 +14,8 @@ import json
 
 import pytest
 
-from bastion.federation import LocalFederation
 from bastion.runlog import read_jsonl
-from tests.integration.conftest import ROOT, tagged_processes
+from tests.integration.conftest import run_local_federation
 
 pytestmark = pytest.mark.integration
 
@@ -26,40 +25,24 @@ THRESHOLD = 0.6
 
 
 def test_far_away_node_is_quarantined_for_its_rounds_and_comes_back(tmp_path, bastion_env):
-    env, tag = bastion_env
-    out = tmp_path / "run"
-    fed = LocalFederation(
+    out, summary = run_local_federation(
+        tmp_path,
+        bastion_env,
         NUM_NODES,
-        tmp_path / "logs",
+        {
+            "num-server-rounds": 4,
+            "local-steps": 5,
+            "aggregator": "median",
+            "min-available-nodes": NUM_NODES,
+            "min-train-nodes": NUM_NODES - 1,
+            "quarantine-threshold": THRESHOLD,
+            "quarantine-rounds": 2,
+            "reputation-decay": 0.3,
+            "reputation-weight-far": 1.0,
+        },
+        timeout=400,
         node_config={ATTACKER: {"role": "malicious", "attack": "gaussian", "attack-sigma": 200.0}},
-        torch_threads=1,
-        env={k: env[k] for k in ("BASTION_TEST_TAG", "BASTION_CACHE_DIR")},
     )
-    try:
-        fed.start()
-        runner = fed.submit(
-            ROOT,
-            {
-                "num-server-rounds": 4,
-                "local-steps": 5,
-                "aggregator": "median",
-                "min-available-nodes": NUM_NODES,
-                "min-train-nodes": NUM_NODES - 1,
-                "quarantine-threshold": THRESHOLD,
-                "quarantine-rounds": 2,
-                "reputation-decay": 0.3,
-                "reputation-weight-far": 1.0,
-                "output-dir": str(out),
-            },
-        )
-        runner.popen.wait(timeout=400)
-    finally:
-        fed.stop()
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["status"] == "completed", (tmp_path / "logs" / "flwr-run.log").read_text()[
-        -3000:
-    ]
-    assert tagged_processes(tag) == []
 
     diags = read_jsonl(out / "diagnostics.jsonl")
     partition_of = {d["node_id"]: d["partition_id"] for d in diags if d["partition_id"] is not None}
