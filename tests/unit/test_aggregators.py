@@ -410,17 +410,15 @@ def test_output_dtype_follows_input():
 # --------------------------------------------------------------------------- #
 # Registry                                                                     #
 # --------------------------------------------------------------------------- #
-def test_registry_names():
-    assert AGGREGATORS == (
-        "mean",
-        "median",
-        "trimmed-mean",
-        "krum",
-        "multi-krum",
-        "geometric-median",
-        "bulyan",
-        "centered-clipping",
-    )
+def test_registry_names_are_the_ones_the_run_config_accepts():
+    # The config validates `aggregator` against its Literal; every name it lets
+    # through must build, and every rule the registry has must be reachable.
+    from typing import get_args
+
+    from bastion.config import AggregatorName
+
+    assert get_args(AggregatorName) == AGGREGATORS
+    assert len(set(AGGREGATORS)) == 8
     assert PREAGGREGATORS == ("clip", "resample", "bucket", "nnm")
 
 
