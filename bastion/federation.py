@@ -450,7 +450,7 @@ def kill_tagged(
     their own, so the environment tag is what finds them. The tag alone is not enough:
     Ray's agents rename themselves with ``setproctitle``, which overwrites part of the
     environment area that ``/proc/PID/environ`` shows, so a variable can vanish from
-    it (seen in CI: ``ray::DashboardAgent`` kept ``BASTION_TEST_TAG`` but lost
+    it (seen here: a ``ray::DashboardAgent`` kept ``BASTION_TEST_TAG`` but lost
     ``BASTION_SIMULATION_ID``). Every member of a process group that held a tagged
     process is therefore killed too: ``groups`` learned by ``tagged_groups`` before a
     graceful shutdown began (when every group still had a findable member), plus the
