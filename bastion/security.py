@@ -207,34 +207,51 @@ def ensure_ca(
     key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Bastion federation CA")])
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        _certificate_builder(name, name, key.public_key(), now, days, ca=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
         .sign(key, hashes.SHA256())
     )
     _write(key_path, _private_pem(key), 0o600)
     _write(crt_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return key, cert, "created"
+
+
+def _certificate_builder(
+    subject: Any, issuer: Any, public_key: Any, now: dt.datetime, days: int, *, ca: bool
+) -> Any:
+    """A certificate builder with what the CA and the server certificate share.
+
+    Validity from five minutes before ``now`` (clock skew) for ``days``; basic
+    constraints and key usage (both critical) of a CA that signs only end-entity
+    certificates (``ca=True``: path length 0, certificate and CRL signing) or of a TLS
+    server (``ca=False``: digital signature and key encipherment).
+    """
+    from cryptography import x509
+
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=not ca,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=ca,
+                crl_sign=ca,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+    )
 
 
 def _private_pem(key: Any) -> bytes:
@@ -318,31 +335,13 @@ def ensure_certificates(
     if reissue:
         key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
         cn = wanted[0].partition(":")[2]
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
         cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-            .issuer_name(ca_cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=server_days))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            _certificate_builder(
+                subject, ca_cert.subject, key.public_key(), now, server_days, ca=False
+            )
             .add_extension(x509.SubjectAlternativeName(general), critical=False)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=True,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), False
             )
