@@ -311,11 +311,7 @@ class LocalFederation:
     def supernode_group(self, partition_id: int) -> list[int]:
         """PIDs in SuperNode ``partition_id``'s process group: the SuperNode, its
         SuperExec and the ClientApps it runs."""
-        return sorted(
-            pid
-            for pid in processes_with_env(FEDERATION_TAG_VAR, self.tag)
-            if _process_group(pid) == self.supernode(partition_id).popen.pid
-        )
+        return sorted(processes_in_groups({self.supernode(partition_id).popen.pid}))
 
     def kill_supernode(self, partition_id: int, timeout: float = 10.0) -> list[int]:
         """Crash SuperNode ``partition_id``: SIGKILL its whole process group (the SuperNode,
@@ -326,7 +322,7 @@ class LocalFederation:
         _signal_group(proc.popen, signal.SIGKILL)
         proc.popen.wait(timeout=timeout)
         deadline = time.monotonic() + timeout
-        while set(pids) & set(processes_with_env(FEDERATION_TAG_VAR, self.tag)):
+        while processes_in_groups({proc.popen.pid}):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"SuperNode {partition_id}'s processes outlived SIGKILL")
             time.sleep(0.05)
