@@ -9,19 +9,21 @@ it started, on success, on failure and on Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from bastion.config import ConfigError, RunConfig, format_overrides, parse_overrides
-from bastion.federation import LocalFederation
+from bastion.federation import LocalFederation, ProcessStartError, failure_cause
 from bastion.runlog import read_new_rows
 
 
@@ -92,23 +94,74 @@ def check_rule_fits(cfg: RunConfig, clients: int) -> str | None:
 
     Runs the configured pipeline once on random updates of the right count, so a
     rule whose precondition fails (e.g. Krum after s-resampling needs
-    n >= 2 s f + 3) is reported before any process starts.
+    n >= 2 s f + 3) is reported before any process starts. The message names the
+    Byzantine count the rule gets after the pre-aggregation steps (s-resampling hands
+    on s f, bucketing shrinks n to ceil(n / s)) and the fewest clients that would do.
     """
+    replies = max(1, int(clients * cfg.fraction_train))
+    problem = _pipeline_problem(cfg, replies)
+    if problem is None:
+        return None
+    message = (
+        f"aggregator {cfg.aggregator!r} with num-byzantine={cfg.num_byzantine} cannot run "
+        f"on {replies} replies per round: {problem}"
+    )
+    steps = _effective_byzantine(cfg, replies)
+    if steps and steps[-1][1:] != (replies, cfg.num_byzantine):
+        chain = ", ".join(f"after {name} n={n}, f={f}" for name, n, f in steps)
+        why = {
+            "resample": "s-resampling lets each Byzantine update reach s of the averaged "
+            "inputs, so the rule must tolerate s*f",
+            "bucket": "bucketing averages groups of s, so the rule sees ceil(n/s) inputs",
+        }
+        notes = "; ".join(why[name] for name, _, _ in steps if name in why)
+        message += (
+            f" (you set f={cfg.num_byzantine} for {replies} replies; the pre-aggregation "
+            f"steps change what the rule sees: {chain}" + (f"; {notes})" if notes else ")")
+        )
+    enough = next(
+        (n for n in range(replies + 1, 4 * replies + 64) if _pipeline_problem(cfg, n) is None),
+        None,
+    )
+    if enough is None:
+        return message + "; no client count up to 4x this one works: lower num-byzantine or s"
+    need = math.ceil(enough / cfg.fraction_train)
+    while int(need * cfg.fraction_train) < enough:  # int() rounds the sampled count down
+        need += 1
+    return message + f"; with these settings it needs at least {need} clients (--clients {need})"
+
+
+def _pipeline_problem(cfg: RunConfig, replies: int) -> str | None:
+    """The configured pipeline's complaint on ``replies`` random updates, or None."""
     import torch
 
     from strategies.strategy import pipeline_from_config
 
-    replies = max(1, int(clients * cfg.fraction_train))
     try:
         pipeline_from_config(cfg).aggregate(
             torch.randn(replies, 4), num_byzantine=cfg.num_byzantine
         )
     except ValueError as exc:
-        return (
-            f"aggregator {cfg.aggregator!r} with num-byzantine={cfg.num_byzantine} cannot run "
-            f"on {replies} replies per round: {exc}"
-        )
+        return str(exc)
     return None
+
+
+def _effective_byzantine(cfg: RunConfig, replies: int) -> list[tuple[str, int, int]]:
+    """(step name, outputs, Byzantine count it hands on) for each pre-aggregation step
+    on ``replies`` updates; empty when a step itself cannot run."""
+    import torch
+
+    from strategies.strategy import pipeline_from_config
+
+    updates, f, out = torch.randn(replies, 4), cfg.num_byzantine, []
+    try:
+        for step in pipeline_from_config(cfg).preaggregators:
+            res = step(updates, num_byzantine=f)
+            updates, f = res.updates, res.num_byzantine
+            out.append((step.name, int(updates.shape[0]), f))
+    except ValueError:
+        return []
+    return out
 
 
 def _fresh_run_dir(cfg: dict[str, Any]) -> Path:
@@ -121,40 +174,149 @@ def _fmt(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def plural(count: int, noun: str) -> str:
+    """``"1 round"``, ``"3 rounds"``, ``"2 replies"``, ``"5 processes"``."""
+    if count == 1:
+        return f"{count} {noun}"
+    if noun.endswith("y"):
+        return f"{count} {noun[:-1]}ies"
+    return f"{count} {noun}{'es' if noun.endswith('s') else 's'}"
+
+
+def process_seconds(now: float | None = None) -> float | None:
+    """Seconds since this process was started (Linux ``/proc``), or None elsewhere.
+
+    What ``time`` reports for the command, interpreter start-up and imports included.
+    """
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        ticks = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+    started = int(fields[19]) / ticks  # field 22 of stat: start time after boot
+    return max(0.0, (uptime if now is None else now) - started)
+
+
+class WallClock:
+    """The one wall-time figure of a command: from the start of this process (what
+    ``time`` measures) when ``/proc`` tells it, else from this object's creation."""
+
+    def __init__(self) -> None:
+        self._t0 = time.monotonic()
+        self._before = process_seconds() or 0.0
+
+    def seconds(self) -> float:
+        return self._before + time.monotonic() - self._t0
+
+
 def progress_line(row: dict[str, Any], total: int) -> str:
-    """One line of live progress for a round's metrics row."""
+    """One line of live progress for a round's metrics row.
+
+    Validation's verdict (replies ``ok`` / ``rejected``) and, with DP, the largest
+    whole-run epsilon any node reported so far; what the rule did with malicious
+    replies is :func:`malicious_line`'s.
+    """
     if row["round"] == 0:
         acc = _fmt(row.get("central_accuracy"), ".4f")
         return f"round  0/{total}  accuracy {acc}  (initial model)"
-    return (
+    line = (
         f"round {row['round']:>2}/{total}  accuracy {_fmt(row.get('central_accuracy'), '.4f')}  "
         f"loss {_fmt(row.get('central_loss'), '.4f')}  "
-        f"clients {row.get('num_accepted', 0)} ok / {row.get('num_rejected', 0)} rejected  "
+        f"replies {row.get('num_accepted', 0)} ok / {row.get('num_rejected', 0)} rejected  "
         f"{_fmt(row.get('round_seconds'), '.1f')} s"
-        + (
-            f"  malicious accepted {row['num_malicious_accepted']}"
-            f" (influence {_fmt(row.get('malicious_influence'), '.2f')})"
-            if row.get("num_malicious_accepted")
-            else ""
-        )
     )
+    if row.get("max_dp_epsilon") is not None:
+        line += f"  epsilon {_fmt(row['max_dp_epsilon'], '.2f')}"
+    return line
 
 
-def rejection_reasons(diagnostics: Path, row: dict[str, Any], most: int = 3) -> list[str]:
-    """Distinct reasons (with node counts) why replies of ``row``'s round were rejected."""
-    if not row.get("num_rejected") or not diagnostics.exists():
+def malicious_line(row: dict[str, Any], diagnostics: list[dict[str, Any]]) -> str | None:
+    """What happened to the round's declared-malicious replies, or None when there were none.
+
+    Separates validation (how many passed it) from what the rule did with those that
+    did: how many it selected and their share of the aggregate (``malicious_influence``:
+    their share of the rule's client weights, or of the selected replies), or that the
+    rule attributes its output to no single reply (median, trimmed mean).
+    """
+    mine = [d for d in diagnostics if d.get("round") == row["round"] and d.get("malicious")]
+    if not mine:
+        return None
+    valid = [d for d in mine if d.get("status") == "accepted"]
+    text = f"malicious: {len(valid)} of {plural(len(mine), 'reply')} passed validation"
+    if not valid:
+        return text
+    if row.get("aggregation_error"):
+        return text + "; no aggregate this round"
+    selected = [d.get("selected") for d in valid if d.get("selected") is not None]
+    if selected:
+        text += f"; the rule selected {sum(map(bool, selected))} of them"
+    if row.get("malicious_influence") is not None:
+        sep = ", " if selected else "; "
+        text += f"{sep}share of the aggregate {row['malicious_influence']:.2f}"
+    elif not selected:
+        text += "; the rule attributes its output to no single reply"
+    return text
+
+
+def rejection_reasons(rows: list[dict[str, Any]], row: dict[str, Any], most: int = 3) -> list[str]:
+    """Distinct reasons (with node counts) why replies of ``row``'s round were rejected,
+    from that round's ``diagnostics.jsonl`` rows."""
+    if not row.get("num_rejected"):
         return []
     counts: dict[str, int] = {}
-    for line in diagnostics.read_text().splitlines():
-        diag = json.loads(line)
+    for diag in rows:
         if diag.get("round") == row["round"] and diag.get("status") == "rejected":
             counts[diag["reason"]] = counts.get(diag["reason"], 0) + 1
     ranked = sorted(counts.items(), key=lambda kv: -kv[1])
     return [f"{n} node(s): {reason[:300]}" for reason, n in ranked[:most]]
 
 
-def final_table(rows: list[dict[str, Any]]) -> str:
-    """A plain-text table of every round's metrics."""
+class RoundPrinter:
+    """Prints each round of a run as its rows arrive: :func:`progress_line`, then the
+    rejected replies' reasons, the malicious replies' fate and a skipped aggregation.
+
+    Reads ``diagnostics.jsonl`` incrementally (the ServerApp writes a round's node rows
+    before its metrics row).
+    """
+
+    def __init__(self, run_dir: Path, total: int) -> None:
+        self.diagnostics = Path(run_dir) / "diagnostics.jsonl"
+        self.total = total
+        self._offset = self.diagnostics.stat().st_size if self.diagnostics.exists() else 0
+        self._diags: list[dict[str, Any]] = []
+        self.rows: list[dict[str, Any]] = []
+
+    def lines(self, row: dict[str, Any]) -> list[str]:
+        """The console lines for one metrics row."""
+        new, self._offset = read_new_rows(self.diagnostics, self._offset)
+        self._diags = [d for d in self._diags + new if d.get("round", 0) >= row["round"]]
+        out = [progress_line(row, self.total)]
+        out += [f"          rejected: {r}" for r in rejection_reasons(self._diags, row)]
+        if (mal := malicious_line(row, self._diags)) is not None:
+            out.append(f"          {mal}")
+        if row.get("aggregation_error"):
+            out.append(
+                f"          aggregation skipped, model unchanged: {row['aggregation_error']}"
+            )
+        return out
+
+    def show(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        for line in self.lines(row):
+            print(line, flush=True)
+
+
+TABLE_LEGEND = (
+    "accuracy, loss: central test set after the round; train loss: clients' mean "
+    "(n/a with DP: clients withhold it); accepted/rejected: replies that passed/failed "
+    "validation; round s: round wall time; overhead s = round wall time - slowest "
+    "client's training"
+)
+
+
+def final_table(rows: list[dict[str, Any]], dp: bool = False) -> str:
+    """A plain-text table of every round's metrics, and a legend of its columns."""
     head = (
         "round",
         "accuracy",
@@ -167,18 +329,19 @@ def final_table(rows: list[dict[str, Any]]) -> str:
     )
     lines = [" ".join(f"{h:>10}" for h in head)]
     for r in rows:
+        train = _fmt(r.get("train_loss"), ".4f")
         cells = (
             str(r["round"]),
             _fmt(r.get("central_accuracy"), ".4f"),
             _fmt(r.get("central_loss"), ".4f"),
-            _fmt(r.get("train_loss"), ".4f"),
+            "n/a (DP)" if dp and r["round"] > 0 and r.get("train_loss") is None else train,
             _fmt(r.get("num_accepted"), "d"),
             _fmt(r.get("num_rejected"), "d"),
             _fmt(r.get("round_seconds"), ".2f"),
             _fmt(r.get("overhead_seconds"), ".2f"),
         )
         lines.append(" ".join(f"{c:>10}" for c in cells))
-    return "\n".join(lines)
+    return "\n".join([*lines, "", *textwrap.wrap(TABLE_LEGEND, 90)])
 
 
 def _tail(path: Path, lines: int = 25) -> str:
@@ -188,8 +351,72 @@ def _tail(path: Path, lines: int = 25) -> str:
         return ""
 
 
+def resume_command(argv: Sequence[str], run_dir: Path) -> str:
+    """The ``bastion`` command line that continues ``argv``'s run in ``run_dir``:
+    the same flags, ``--output-dir run_dir`` and ``--resume``."""
+    kept: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--output-dir":
+            skip = True
+        elif not arg.startswith("--output-dir=") and arg != "--resume":
+            kept.append(arg)
+    return shlex.join(["bastion", *kept, "--output-dir", str(run_dir), "--resume"])
+
+
+class RunFailed(Exception):
+    """``bastion run`` ends without a completed run; ``status`` is ``failed`` or
+    ``interrupted``, ``reason`` goes into ``summary.json``, ``message`` to the console."""
+
+    def __init__(self, status: str, reason: str, message: str, code: int = 1) -> None:
+        super().__init__(reason)
+        self.status, self.reason, self.message, self.code = status, reason, message, code
+
+
+def _watch_run(fed: LocalFederation, runner: Any, printer: RoundPrinter, deadline: float) -> None:
+    """Print rounds as ``metrics.jsonl`` grows until ``flwr run`` ends; raise
+    :class:`RunFailed` when the SuperLink dies or ``deadline`` passes."""
+    offset, metrics = 0, printer.diagnostics.with_name("metrics.jsonl")
+    if metrics.exists():  # a resumed run: rows before the checkpoint were printed already
+        offset = metrics.stat().st_size
+    while True:
+        new, offset = read_new_rows(metrics, offset)
+        finished = runner.popen.poll() is not None
+        if finished:  # rows written just before the run ended
+            more, offset = read_new_rows(metrics, offset)
+            new += more
+        for row in new:
+            printer.show(row)
+        if finished:
+            return
+        dead = [p for p in fed.dead_processes() if p.name == "superlink"]
+        if dead:
+            link = dead[0]
+            cause = failure_cause(link.log_path)
+            reason = f"the SuperLink exited with code {link.popen.returncode}" + (
+                f": {cause}" if cause else ""
+            )
+            raise RunFailed(
+                "failed",
+                reason,
+                f"{reason}\n  its log: {link.log_path}\n  log tail:\n{_tail(link.log_path, 10)}",
+            )
+        if time.monotonic() > deadline:
+            reason = "the run did not finish within --timeout"
+            raise RunFailed("failed", reason, f"{reason} ({deadline:.0f} s)")
+        time.sleep(0.25)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    """``bastion run``: local federation, live progress, final table, clean shutdown."""
+    """``bastion run``: local federation, live progress, final table, clean shutdown.
+
+    Every attempt ends with a ``summary.json`` whose ``status`` (``completed``,
+    ``failed`` or ``interrupted``) and ``reason`` say what happened, and whose
+    ``wall_seconds`` is the figure printed on the console.
+    """
+    clock = getattr(args, "clock", None) or WallClock()
     checked = _checked_run_config(args)
     if checked is None:
         return 2
@@ -231,7 +458,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     threads = args.torch_threads or max(1, (os.cpu_count() or 1) // args.clients)
     print(
         f"bastion: {args.clients} SuperNodes + 1 SuperLink on loopback (gRPC Fleet API), "
-        f"{cfg.num_server_rounds} rounds of {cfg.dataset}/{cfg.partitioner}; results in {run_dir}"
+        f"{plural(cfg.num_server_rounds, 'round')} of {cfg.dataset}/{cfg.partitioner}; "
+        f"results in {run_dir}"
     )
 
     previous = signal.signal(signal.SIGTERM, _term_as_interrupt)
@@ -242,75 +470,84 @@ def cmd_run(args: argparse.Namespace) -> int:
             "plain text and any process that reaches the Fleet port can join as a SuperNode",
             file=sys.stderr,
         )
+    attempt_started = time.time() - 1.0  # summary.json written at or after this is ours
+    printer = RoundPrinter(run_dir, cfg.num_server_rounds)
     fed = LocalFederation(args.clients, run_dir / "logs", torch_threads=threads, insecure=insecure)
-    rows: list[dict[str, Any]] = []
-    started = time.monotonic()
+    failure: RunFailed | None = None
     try:
-        fed.start()
+        try:
+            fed.start()
+        except ProcessStartError as exc:
+            raise RunFailed("failed", f"{exc}; log: {exc.log_path}", exc.explain()) from exc
         runner = fed.submit(app_dir, overrides)
-        offset, metrics = 0, run_dir / "metrics.jsonl"
-        deadline = started + args.timeout
-        while True:
-            new, offset = read_new_rows(metrics, offset)
-            finished = runner.popen.poll() is not None
-            if finished:  # rows written just before the run ended
-                more, offset = read_new_rows(metrics, offset)
-                new += more
-            for row in new:
-                rows.append(row)
-                print(progress_line(row, cfg.num_server_rounds), flush=True)
-                for reason in rejection_reasons(run_dir / "diagnostics.jsonl", row):
-                    print(f"          rejected: {reason}", flush=True)
-                if row.get("aggregation_error"):
-                    print(
-                        f"          aggregation skipped, model unchanged: "
-                        f"{row['aggregation_error']}",
-                        flush=True,
-                    )
-            if finished:
-                break
-            dead = [p for p in fed.dead_processes() if p.name == "superlink"]
-            if dead:
-                print(
-                    f"bastion: the SuperLink exited; log tail:\n{_tail(dead[0].log_path)}",
-                    file=sys.stderr,
-                )
-                return 1
-            if time.monotonic() > deadline:
-                print(
-                    f"bastion: run did not finish within --timeout {args.timeout:.0f} s",
-                    file=sys.stderr,
-                )
-                return 1
-            time.sleep(0.25)
-    except KeyboardInterrupt:
+        _watch_run(fed, runner, printer, time.monotonic() + args.timeout)
+    except RunFailed as exc:
+        failure = exc
+    except KeyboardInterrupt as exc:
+        sig = str(exc) or "Ctrl-C"
+        failure = RunFailed("interrupted", f"stopped by {sig}", "interrupted", code=130)
         print("\nbastion: interrupted; stopping the federation", file=sys.stderr)
-        return 130
     finally:
         fed.stop()
         signal.signal(signal.SIGTERM, previous)
         print(
-            f"bastion: stopped {len(fed.processes)} processes (SuperLink, SuperNodes, flwr run) "
-            "and everything they spawned"
+            f"bastion: stopped {plural(len(fed.processes), 'process')} (SuperLink, SuperNodes, "
+            "flwr run) and everything they spawned"
         )
+    return _report_outcome(args, cfg, run_dir, printer.rows, failure, attempt_started, clock)
 
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    if summary.get("status") != "completed":
+
+def _report_outcome(
+    args: argparse.Namespace,
+    cfg: RunConfig,
+    run_dir: Path,
+    rows: list[dict[str, Any]],
+    failure: RunFailed | None,
+    attempt_started: float,
+    clock: WallClock,
+) -> int:
+    """Write this attempt's outcome into ``summary.json`` and tell the console."""
+    from server.results import checkpoint_paths, record_outcome
+
+    wall = round(clock.seconds(), 1)
+    status, reason = ("completed", None) if failure is None else (failure.status, failure.reason)
+    summary = record_outcome(run_dir, status, reason, since=attempt_started, wall_seconds=wall)
+    if summary.get("status") == "completed":
+        print()
+        print(final_table(rows, dp=cfg.dp))
         print(
-            "bastion: the run did not complete: "
-            f"{summary.get('error', 'no summary.json written')}\n"
-            f"flwr run output (tail):\n{_tail(run_dir / 'logs' / 'flwr-run.log')}",
-            file=sys.stderr,
+            f"\nfinal accuracy {summary['final_accuracy']:.4f} after "
+            f"{plural(int(summary['rounds']), 'round')} ({wall:.0f} s wall); results, "
+            f"checkpoints and plots in {run_dir}"
         )
-        return 1
-    print()
-    print(final_table(rows))
-    print(
-        f"\nfinal accuracy {summary['final_accuracy']:.4f} after {summary['rounds']} rounds "
-        f"({time.monotonic() - started:.0f} s wall); results, checkpoints and plot in {run_dir}"
+        if summary.get("max_epsilon") is not None:
+            print(
+                f"privacy: epsilon {summary['max_epsilon']:.2f} at delta "
+                f"{summary.get('dp_delta', cfg.dp_delta):g} (the largest any node spent "
+                "over the whole run)"
+            )
+        return 0
+    if failure is not None and failure.status == "interrupted":
+        message = f"bastion: run interrupted ({failure.reason}) after {wall:.0f} s"
+    elif failure is not None:
+        message = f"bastion: run failed after {wall:.0f} s: {failure.message}"
+    else:
+        message = (
+            f"bastion: the run did not complete: {summary.get('reason') or 'no reason given'}"
+            f"\nflwr run output (tail):\n{_tail(run_dir / 'logs' / 'flwr-run.log')}"
+        )
+    done = checkpoint_paths(run_dir)
+    next_step = (
+        f"to continue after round {done[-1][0]} (its last checkpoint):\n  "
+        + resume_command(getattr(args, "argv", []), run_dir)
+        if done
+        else "no round was checkpointed: run the same command again to start over"
     )
-    return 0
+    print(
+        f"{message}\nbastion: summary in {run_dir / 'summary.json'}; {next_step}",
+        file=sys.stderr,
+    )
+    return failure.code if failure is not None else 1
 
 
 def _checked_run_config(
@@ -441,17 +678,16 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     app_dir, cfg, overrides = checked
     print(
         f"bastion: {args.clients} virtual SuperNodes on Flower's Simulation Engine, "
-        f"{cfg.num_server_rounds} rounds of {cfg.dataset}/{cfg.partitioner}; "
+        f"{plural(cfg.num_server_rounds, 'round')} of {cfg.dataset}/{cfg.partitioner}; "
         f"results in {cfg.output_dir}"
     )
-    rows: list[dict[str, Any]] = []
-
-    def on_round(row: dict[str, Any]) -> None:
-        rows.append(row)
-        print(progress_line(row, cfg.num_server_rounds), flush=True)
-
+    clock = getattr(args, "clock", None) or WallClock()
+    attempt_started = time.time() - 1.0
+    run_dir = Path(cfg.output_dir)
+    printer = RoundPrinter(run_dir, cfg.num_server_rounds)
     colluders = cfg.num_malicious if cfg.attack_knowledge == "collude" else 0
     signal.signal(signal.SIGTERM, _term_as_interrupt)
+    failure: RunFailed | None = None
     try:
         result = run_simulation(
             num_supernodes=args.clients,
@@ -460,26 +696,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             cpus_per_client=args.cpus_per_client,
             min_parallel_clients=colluders or None,
             timeout=args.timeout,
-            on_round=on_round,
+            on_round=printer.show,
         )
+        if not result.ok:
+            why = f"the simulation did not complete: {result.error}"
+            failure = RunFailed("failed", why, why, code=result.exit_code)
     except SimulationUnavailableError as exc:
         print(f"bastion: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("\nbastion: interrupted; the simulation was stopped", file=sys.stderr)
-        return 130
-    if not result.ok:
-        print(f"bastion: the simulation did not complete: {result.error}", file=sys.stderr)
-        return result.exit_code
-    print()
-    print(final_table(rows))
-    summary = result.summary or {}
-    print(
-        f"\nfinal accuracy {summary.get('final_accuracy', float('nan')):.4f} after "
-        f"{summary.get('rounds')} rounds ({result.wall_seconds:.0f} s wall); results in "
-        f"{result.output_dir}"
-    )
-    return 0
+        failure = RunFailed("interrupted", f"stopped by {exc or 'Ctrl-C'}", "", code=130)
+    return _report_outcome(args, cfg, run_dir, printer.rows, failure, attempt_started, clock)
 
 
 def _echo(line: str) -> None:
@@ -593,34 +821,59 @@ def _grid_runner(backend: str, app_dir: Path, cell_timeout: float) -> Any:
     return run_federation_cell
 
 
+def _default(key: str) -> Any:
+    """The default of run-config ``key`` (``RunConfig`` mirrors ``pyproject.toml``)."""
+    return RunConfig.model_fields[key.replace("-", "_")].default
+
+
+def _choices(key: str) -> str:
+    """``a | b | c``: the values run-config ``key`` allows, from its ``Literal`` type."""
+    return " | ".join(get_args(RunConfig.model_fields[key.replace("-", "_")].annotation))
+
+
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
-    """The flags ``bastion run`` and ``bastion simulate`` share."""
-    p.add_argument("--rounds", type=int, help="number of server rounds (num-server-rounds)")
-    p.add_argument("--dataset", help="digits | fashion-mnist | mnist | cifar10")
-    p.add_argument("--data-dir", help="directory holding the dataset files")
-    p.add_argument("--partitioner", help="iid | dirichlet | label-sorted | pathological")
-    p.add_argument("--seed", type=int, help="seed of model init, partitioning and training")
+    """The flags ``bastion run`` and ``bastion simulate`` share (defaults: the app's run
+    config, named in each help text)."""
     p.add_argument(
-        "--aggregator",
-        help="mean | median | trimmed-mean | krum | multi-krum | "
-        "geometric-median | bulyan | centered-clipping",
+        "--rounds",
+        type=int,
+        help=f"number of server rounds (run-config num-server-rounds; default "
+        f"{_default('num-server-rounds')})",
+    )
+    p.add_argument("--dataset", help=f"{_choices('dataset')} (default {_default('dataset')})")
+    p.add_argument(
+        "--data-dir",
+        help="directory holding the dataset files (default: $BASTION_DATA_DIR, then the "
+        "places listed under Data in the README)",
+    )
+    p.add_argument(
+        "--partitioner", help=f"{_choices('partitioner')} (default {_default('partitioner')})"
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        help=f"seed of model init, partitioning and training (default {_default('seed')})",
+    )
+    p.add_argument(
+        "--aggregator", help=f"{_choices('aggregator')} (default {_default('aggregator')})"
     )
     p.add_argument(
         "--num-byzantine",
         type=int,
-        help="Byzantine clients the rule must tolerate (f, run-config num-byzantine)",
+        help="Byzantine clients the rule must tolerate (f, run-config num-byzantine; default "
+        f"{_default('num-byzantine')})",
     )
     p.add_argument(
         "--malicious",
         type=int,
         help="make this many of the clients malicious (run-config num-malicious; which "
-        "ones follows a seeded rule)",
+        f"ones follows a seeded rule; default {_default('num-malicious')})",
     )
     p.add_argument(
         "--attack",
-        help="ipm | alie | sign-flip | label-flip | gaussian | mimic | scaling "
-        "(parameters: --run-config 'attack-epsilon=... attack-z=... attack-sigma=... "
-        'attack-scale=... attack-knowledge="own"\')',
+        help=f"{_choices('attack')} (default {_default('attack')}; parameters: --run-config "
+        "'attack-epsilon=... attack-z=... attack-sigma=... attack-scale=... "
+        'attack-knowledge="own"\')',
     )
     p.add_argument("--output-dir", help="results directory (default: a new folder in ./runs/)")
     p.add_argument(
@@ -632,7 +885,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--run-config",
         default="",
-        help='more run-config keys, e.g. "lr=0.05 alpha=0.1" (flwr run syntax)',
+        help='more run-config keys, e.g. "lr=0.05 alpha=0.1" (flwr run syntax; default none)',
     )
     p.add_argument("--app", help="Flower App directory (default: the Bastion checkout)")
     p.add_argument(
@@ -731,7 +984,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # ignores it (background jobs of non-interactive shells inherit SIG_IGN, and
     # Python then never raises KeyboardInterrupt).
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    clock = WallClock()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = make_parser().parse_args(argv)
+    args.argv, args.clock = argv, clock
     return int(args.func(args))
 
 

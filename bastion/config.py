@@ -110,9 +110,9 @@ def _format_errors(exc: ValidationError, values: Mapping[str, Any], source: str)
             continue
         value = values.get(key, values.get(key.replace("-", "_"), "<missing>"))
         what = _allowed(cls, key) if cls else ""
-        lines.append(
-            f"{source} key {key!r}: value {value!r} is not allowed ({err['msg']}); allowed: {what}"
-        )
+        # pydantic's own message for a Literal repeats the choices that `what` lists
+        why = "" if err["type"] == "literal_error" else f" ({err['msg']})"
+        lines.append(f"{source} key {key!r}: value {value!r} is not allowed{why}; allowed: {what}")
     return "\n".join(lines)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -73,15 +74,82 @@ def wait_for_port(
     raise TimeoutError(f"nothing listened on {host}:{port} after {timeout:.0f} s")
 
 
+def interpreter_bin() -> Path:
+    """The ``bin`` folder of the running interpreter (a venv's ``bin``, unresolved).
+
+    Flower's console scripts live there, next to ``python``, whether or not the venv
+    is activated.
+    """
+    return Path(sys.executable).parent
+
+
 def flower_bin(name: str) -> str:
     """Path of a Flower console script, preferring the one next to this Python."""
-    candidate = Path(sys.executable).parent / name
+    candidate = interpreter_bin() / name
     if candidate.exists():
         return str(candidate)
     found = shutil.which(name)
     if found is None:
         raise FileNotFoundError(f"{name!r} not found; is flwr installed in this environment?")
     return found
+
+
+def with_interpreter_on_path(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` with :func:`interpreter_bin` first on ``PATH``.
+
+    Flower's SuperLink and SuperNode start their children (``flower-superexec``,
+    ``flwr-serverapp``, ``flwr-clientapp``) by name from ``PATH``. Started from a
+    shell without the venv activated (cron, systemd, an IDE, ``/path/.venv/bin/bastion``)
+    they would not find them and exit at start; with this they find the ones that
+    belong to the same installation as Bastion itself.
+    """
+    env = dict(env)
+    first = str(interpreter_bin())
+    rest = [p for p in env.get("PATH", os.defpath).split(os.pathsep) if p and p != first]
+    env["PATH"] = os.pathsep.join([first, *rest])
+    return env
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# a Python exception line: "FileNotFoundError: ...", "SystemExit: Port ... in use."
+_EXCEPTION_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit)): (.+)$")
+
+
+def failure_cause(log_path: Path, max_chars: int = 400) -> str | None:
+    """The line of a Flower process's log that says why it failed, or None.
+
+    The last Python exception line (``SomeError: message``) when there is one, else the
+    last line logged at ERROR level; at most ``max_chars`` characters.
+    """
+    try:
+        text = log_path.read_text(errors="replace")
+    except OSError:
+        return None
+    lines = [_ANSI.sub("", line).strip() for line in text.splitlines()]
+    for line in reversed(lines):
+        if _EXCEPTION_LINE.match(line):
+            return line[:max_chars]
+    for line in reversed(lines):
+        if " ERROR " in f" {line} " or line.startswith("ERROR"):
+            return line[:max_chars]
+    return None
+
+
+class ProcessStartError(RuntimeError):
+    """A Flower process of the federation exited, or never listened, while starting.
+
+    ``cause`` is the line of its log that says why (:func:`failure_cause`), when found.
+    """
+
+    def __init__(self, name: str, log_path: Path, detail: str) -> None:
+        self.name, self.log_path, self.detail = name, log_path, detail
+        self.cause = failure_cause(log_path)
+        super().__init__(f"the {name} could not start: {self.cause or detail}")
+
+    def explain(self) -> str:
+        """What the console shows: the cause, what was seen, and where the log is."""
+        seen = f"\n  ({self.detail})" if self.cause else ""
+        return f"{self}{seen}\n  its log: {self.log_path}"
 
 
 @dataclass
@@ -139,7 +207,7 @@ class LocalFederation:
 
     # ----------------------------------------------------------------- processes
     def _env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = with_interpreter_on_path(os.environ)
         env.update(self.env)
         env["FLWR_HOME"] = str(self.flwr_home)
         env[FEDERATION_TAG_VAR] = self.tag
@@ -218,8 +286,11 @@ class LocalFederation:
                 f"{self.host}:{self.fleet_port}",
             ],
         )
-        for port in (self.fleet_port, self.http_port):
-            self._wait_listening(port, startup_timeout, link.popen)
+        try:
+            for port in (self.fleet_port, self.http_port):
+                self._wait_listening(port, startup_timeout, link.popen)
+        except (RuntimeError, TimeoutError) as exc:
+            raise ProcessStartError("SuperLink", link.log_path, str(exc)) from exc
         (self.flwr_home / "config.toml").write_text(
             security.flwr_connection_toml(
                 "bastion-local",

@@ -54,6 +54,7 @@ from bastion.federation import (
     processes_with_env,
     tagged_groups,
     wait_for_port,
+    with_interpreter_on_path,
 )
 from bastion.runlog import read_new_rows
 
@@ -376,7 +377,7 @@ def run_simulation(
     flwr_home = Path(tempfile.mkdtemp(prefix="bastion-sim-home-"))
     ray_tmp = Path(tempfile.mkdtemp(prefix="bastion-ray-"))  # short: Ray's socket paths
     tag = uuid.uuid4().hex
-    proc_env = dict(os.environ)
+    proc_env = with_interpreter_on_path(os.environ)
     proc_env.update(env or {})
     proc_env.update(QUIET_ENV)
     proc_env.update(

@@ -141,15 +141,51 @@ def _run_one(grid: Grid, cfg: RunConfig, batch_cell: int = -1) -> RunResults:
     try:
         _run(grid, cfg, results, batch_cell)
     except BaseException as exc:
+        reason = f"{type(exc).__name__}: {exc}"
         results.write_summary(
             status="failed",
-            error=f"{type(exc).__name__}: {exc}",
-            dataset=cfg.dataset,
+            reason=reason,
+            error=reason,
+            **run_description(cfg),
             traceback=traceback.format_exc(),
         )
         log(ERROR, "[bastion] run failed: %s", exc)
         raise
     return results
+
+
+def run_description(cfg: RunConfig) -> dict[str, object]:
+    """What ``summary.json`` says the run was: data, attack, defence and DP settings.
+
+    ``defence`` names the pre-aggregation steps and the rule in the order they run
+    (:func:`strategies.strategy.pipeline_from_config`); ``num_malicious`` and ``attack``
+    are the run config's attackers (nodes that declare themselves malicious through
+    their own node config are counted in ``malicious_nodes_declared``). With DP,
+    ``dp_noise_multiplier`` is ``None`` when each node calibrates sigma to
+    ``dp_target_epsilon`` itself.
+    """
+    pipeline = pipeline_from_config(cfg)
+    steps = [step.name for step in pipeline.preaggregators]
+    out: dict[str, object] = {
+        "dataset": cfg.dataset,
+        "partitioner": cfg.partitioner,
+        "seed": cfg.seed,
+        "aggregator": cfg.aggregator,
+        "num_byzantine": cfg.num_byzantine,
+        "preaggregation": steps,
+        "defence": " -> ".join([*steps, pipeline.aggregator.name]),
+        "attack": cfg.attack if cfg.num_malicious > 0 else "none",
+        "num_malicious": cfg.num_malicious if cfg.attack != "none" else 0,
+        "dp": cfg.dp,
+    }
+    if cfg.dp:
+        out |= {
+            "dp_noise_multiplier": None if cfg.dp_target_epsilon > 0 else cfg.dp_noise_multiplier,
+            "dp_target_epsilon": cfg.dp_target_epsilon or None,
+            "dp_max_grad_norm": cfg.dp_max_grad_norm,
+            "dp_delta": cfg.dp_delta,
+        }
+    return out
 
 
 def _run_batch(grid: Grid, run_config: dict[str, object], cfg: RunConfig) -> None:
@@ -386,11 +422,10 @@ def _run(grid: Grid, cfg: RunConfig, results: RunResults, batch_cell: int = -1) 
     dp_fields = {"max_epsilon": epsilon, "dp_delta": cfg.dp_delta}
     summary = results.write_summary(
         status="completed",
-        dataset=cfg.dataset,
-        partitioner=cfg.partitioner,
-        aggregator=cfg.aggregator,
+        reason=None,
+        **run_description(cfg),
         num_clients=num_clients,
-        seed=cfg.seed,
+        malicious_nodes_declared=sum(1 for s in standings.values() if s["malicious"]),
         **reputation_summary(standings),
         **(dp_fields if cfg.dp or epsilon is not None else {}),
     )

@@ -562,17 +562,12 @@ class RunResults:
         When some node reported a DP epsilon, ``max_epsilon`` (the largest over nodes
         and rounds) is included unless ``fields`` sets it.
         """
-        evaluated = [r for r in self.rounds if r.get("central_accuracy") is not None]
-        last = evaluated[-1] if evaluated else {}
-        summary = {
-            "final_accuracy": last.get("central_accuracy"),
-            "final_loss": last.get("central_loss"),
-            "initial_accuracy": evaluated[0].get("central_accuracy") if evaluated else None,
-            "best_accuracy": max((r["central_accuracy"] for r in evaluated), default=None),
-            "rounds": max((r["round"] for r in self.rounds), default=0),
-            "wall_seconds": round(time.time() - self.started, 3),
-            "run_dir": str(self.run_dir),
-        }
+        summary = summarize_rounds(self.rounds)
+        # the ServerApp's own time; ``bastion run`` replaces wall_seconds with its
+        # end-to-end figure (record_outcome) and keeps this one as serverapp_seconds
+        seconds = round(time.time() - self.started, 3)
+        summary |= {"wall_seconds": seconds, "serverapp_seconds": seconds}
+        summary["run_dir"] = str(self.run_dir)
         if self.resumed_from:
             summary["resumed_from"] = list(self.resumed_from)
         if (eps := self.max_epsilon()) is not None:
@@ -580,3 +575,50 @@ class RunResults:
         summary |= fields
         _write_atomic(self.run_dir / "summary.json", json.dumps(_clean(summary), indent=2).encode())
         return summary
+
+
+def summarize_rounds(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """The accuracy fields of ``summary.json`` from ``metrics.jsonl`` rows: final, initial
+    and best central accuracy, final loss, and the last round reached (0: none)."""
+    rows = list(rows)
+    evaluated = [r for r in rows if r.get("central_accuracy") is not None]
+    last = evaluated[-1] if evaluated else {}
+    return {
+        "final_accuracy": last.get("central_accuracy"),
+        "final_loss": last.get("central_loss"),
+        "initial_accuracy": evaluated[0].get("central_accuracy") if evaluated else None,
+        "best_accuracy": max((r["central_accuracy"] for r in evaluated), default=None),
+        "rounds": max((int(r["round"]) for r in rows if "round" in r), default=0),
+    }
+
+
+def record_outcome(
+    run_dir: str | Path, status: str, reason: str | None, *, since: float, **fields: Any
+) -> dict[str, Any]:
+    """Write the outcome of one attempt at a run into ``run_dir/summary.json``; return it.
+
+    Used by the launcher (``bastion run``), which sees what the ServerApp cannot: a
+    SuperLink that died, a timeout, Ctrl-C. The ServerApp's own summary of this attempt
+    (a ``summary.json`` written at or after ``since``, a ``time.time()``) is kept and
+    completed; without one (the ServerApp never started, or was killed) the accuracy
+    fields come from ``metrics.jsonl`` (:func:`summarize_rounds`). ``status`` and
+    ``reason`` replace the ServerApp's unless it completed the run (a stop that came
+    after the last round does not undo it) or this attempt has no reason of its own.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / "summary.json"
+    summary: dict[str, Any] = {}
+    try:
+        if path.stat().st_mtime >= since:
+            summary = json.loads(path.read_text())
+    except (OSError, ValueError):
+        summary = {}
+    if not summary:
+        summary = summarize_rounds(read_jsonl(run_dir / "metrics.jsonl"))
+        summary["run_dir"] = str(run_dir.resolve())
+    if summary.get("status") != "completed" and (reason or "status" not in summary):
+        summary["status"] = status
+        summary["reason"] = reason
+    summary |= fields
+    _write_atomic(path, json.dumps(_clean(summary), indent=2).encode())
+    return summary

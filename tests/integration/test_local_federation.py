@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
 import signal
+import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +25,14 @@ pytestmark = pytest.mark.integration
 
 def test_three_supernodes_train_digits_over_grpc_and_everything_stops(tmp_path, bastion_env):
     env, tag = bastion_env
+    # Started as cron, systemd or an IDE would: the venv is not activated, its bin is
+    # not on PATH; Flower's processes must still find their children.
+    venv_bin = str(Path(bastion_exe()[0]).parent)
+    env["PATH"] = os.pathsep.join(
+        p for p in env.get("PATH", "/usr/bin:/bin").split(os.pathsep) if p != venv_bin
+    )
+    env.pop("VIRTUAL_ENV", None)
+    assert shutil.which("flower-superexec", path=env["PATH"]) is None
     out = tmp_path / "run"
     proc = run_bastion(
         [
@@ -78,8 +91,16 @@ def test_three_supernodes_train_digits_over_grpc_and_everything_stops(tmp_path, 
     link_log = (out / "logs" / "superlink.log").read_text()
     assert "Starting Fleet API (gRPC-rere)" in link_log
     assert link_log.count("[Fleet.ActivateNode] Activated node_id") == 3
-    # Progress and the final table reached the user.
+    # Progress and the final table reached the user, with a legend of its columns.
     assert "round  3/3" in proc.stdout and "final accuracy" in proc.stdout
+    assert "overhead s = round wall time - slowest client's training" in proc.stdout
+    # One wall-time figure: the console's is summary.json's.
+    wall = re.search(r"after 3 rounds \((\d+) s wall\)", proc.stdout)
+    assert wall, proc.stdout
+    assert int(wall.group(1)) == round(summary["wall_seconds"])
+    assert summary["wall_seconds"] >= summary["serverapp_seconds"]
+    assert summary["attack"] == "none" and summary["num_malicious"] == 0
+    assert summary["defence"] == "mean" and summary["reason"] is None
 
 
 def test_krum_runs_over_the_federation_and_reports_its_choice(tmp_path, bastion_env):
@@ -143,6 +164,43 @@ def test_ctrl_c_stops_every_process(tmp_path, bastion_env):
             proc.kill()
     assert proc.returncode == 130, output
     assert "interrupted" in output
+    assert tagged_processes(tag) == []
+    # The attempt's summary says what happened, and the console how to continue.
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and "Ctrl-C" in summary["reason"]
+    assert summary["rounds"] >= 1 and summary["wall_seconds"] > 0
+    assert f"--output-dir {out} --resume" in output
+
+
+def test_superlink_that_cannot_start_is_named_with_its_cause(
+    tmp_path, bastion_env, monkeypatch, capsys
+):
+    """The SuperLink's Fleet port is taken: the console names the cause from its log
+    and the log file, summary.json records the failure, and nothing is left running."""
+    from bastion import cli, federation
+
+    env, tag = bastion_env
+    monkeypatch.setenv("BASTION_TEST_TAG", tag)
+    monkeypatch.setenv("BASTION_CACHE_DIR", env["BASTION_CACHE_DIR"])
+    taken = socket.socket()  # bound, not listening: connecting fails, binding too
+    taken.bind(("127.0.0.1", 0))
+    port = taken.getsockname()[1]
+    ports = iter([federation.free_port(), port])
+    # LocalFederation picks the Control API port, then the Fleet API port
+    monkeypatch.setattr(federation, "free_port", lambda host="127.0.0.1": next(ports))
+    out = tmp_path / "run"
+    try:
+        code = cli.main(["run", "--clients", "2", "--rounds", "1", "--output-dir", str(out)])
+    finally:
+        taken.close()
+    err = capsys.readouterr().err
+    assert code == 1, err
+    log = out / "logs" / "superlink.log"
+    assert "the SuperLink could not start" in err and str(log) in err
+    assert f"{port} is already in use" in err  # the cause, from the log
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed" and "already in use" in summary["reason"]
+    assert summary["rounds"] == 0
     assert tagged_processes(tag) == []
 
 
