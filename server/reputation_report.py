@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from bastion.figures import save_figure
+from bastion.figures import run_title, save_figure
 from bastion.runlog import read_jsonl
 
 
@@ -97,7 +97,12 @@ def write_reputation_report(run_dir: Path, threshold: float = 0.0) -> dict[int, 
     tmp.write_text(json.dumps([standings[k] for k in sorted(standings)], indent=2))
     os.replace(tmp, run_dir / "reputation.json")
     if rows:
-        plot_reputation(rows, standings, run_dir / "reputation.png", threshold)
+        try:
+            config = json.loads((run_dir / "config.json").read_text())
+        except (OSError, ValueError):
+            config = {}
+        title = run_title(run_dir, config) if config else run_dir.name
+        plot_reputation(rows, standings, run_dir / "reputation.png", threshold, title)
     return standings
 
 
@@ -106,8 +111,10 @@ def plot_reputation(
     standings: Mapping[int, Mapping[str, Any]],
     path: Path,
     threshold: float = 0.0,
+    title: str = "",
 ) -> Path:
-    """Heatmap of each node's suspicion over rounds (hatched: quarantined)."""
+    """Heatmap of each node's suspicion over rounds (hatched: quarantined), under
+    ``title`` (the run's name)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,8 +135,8 @@ def plot_reputation(
     for r in rows:
         if r.get("suspicion") is not None:
             grid[line[int(r["node_id"])], col[int(r["round"])]] = float(r["suspicion"])
-    height = min(12.0, 1.5 + 0.28 * len(nodes))
-    fig, ax = plt.subplots(figsize=(min(14.0, 3.0 + 0.3 * len(rounds)), height))
+    height = min(12.0, 2.2 + 0.28 * len(nodes))
+    fig, ax = plt.subplots(figsize=(min(14.0, max(7.5, 3.0 + 0.3 * len(rounds))), height))
     image = ax.imshow(
         np.ma.masked_invalid(grid),
         aspect="auto",
@@ -160,9 +167,11 @@ def plot_reputation(
     ax.set_yticks(range(0, len(nodes), step), labels[::step], fontsize="small")
     tick = max(1, len(rounds) // 20)
     ax.set_xticks(range(0, len(rounds), tick), [str(x) for x in rounds[::tick]])
-    title = "Suspicion per node (hatched: quarantined; * declared malicious)"
+    key = "hatched: quarantined; * declared malicious"
     if threshold > 0:
-        title += f"; threshold {threshold:g}"
-    ax.set(xlabel="round", ylabel="node (partition)", title=title)
+        key += f"; quarantine threshold {threshold:g}"
+    ax.set(xlabel=f"round\n({key})", ylabel="node (partition)", title="Suspicion per node")
+    if title:
+        fig.suptitle(title, fontsize="medium")
     fig.colorbar(image, ax=ax, label="suspicion score")
     return save_figure(fig, path)

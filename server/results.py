@@ -41,7 +41,7 @@ import torch
 from flwr.common import log
 
 from bastion.config import ConfigError, RunConfig
-from bastion.figures import save_figure
+from bastion.figures import run_title, save_figure
 from bastion.runlog import read_jsonl
 
 
@@ -470,7 +470,8 @@ class RunResults:
         from matplotlib.ticker import MaxNLocator
 
         rounds = [r["round"] for r in rows]
-        fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4))
+        fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(10, 4.4))
+        fig.suptitle(run_title(self.run_dir, self.config), fontsize="medium")
         ax_acc.plot(rounds, [r["central_accuracy"] for r in rows], "o-", label="central test")
         fed = [
             (r["round"], r["federated_accuracy"])
@@ -488,6 +489,8 @@ class RunResults:
         ]
         if train:
             ax_loss.plot(*zip(*train, strict=True), "^--", label="clients' train")
+        elif self.config.get("dp"):  # say why the clients' curve is missing
+            ax_loss.plot([], [], " ", label="clients' train: withheld with DP")
         ax_loss.set(xlabel="round", ylabel="cross-entropy", title="Loss")
         ax_loss.grid(alpha=0.3)
         ax_loss.legend()
@@ -518,29 +521,48 @@ class RunResults:
         import matplotlib.pyplot as plt
         from matplotlib.ticker import MaxNLocator
 
-        fig, ax = plt.subplots(figsize=(6, 4))
         curves: dict[str, list[tuple[int, float]]] = {}
         for rnd, label, eps in self.node_epsilons:
             curves.setdefault(label, []).append((rnd, eps))
-        many = len(curves) > 10  # then one gray curve per node and one legend entry
-        for i, (label, points) in enumerate(sorted(curves.items())):
+        # every node's own curve; up to LEGEND_NODES named in a legend beside the axes,
+        # more coloured along a colour bar of their order (the legend would not fit)
+        many = len(curves) > LEGEND_NODES
+        fig, ax = plt.subplots(figsize=(8.5 if not many else 8, 4.6))
+        cmap = plt.get_cmap("viridis")
+        ordered = sorted(curves.items(), key=lambda kv: _label_order(kv[0]))
+        for i, (label, points) in enumerate(ordered):
             ax.plot(
                 *zip(*sorted(points), strict=True),
                 ".-",
-                color="tab:gray" if many else f"C{i % 10}",
-                alpha=0.35 if many else 0.8,
-                linewidth=1,
-                label=("per node" if i == 0 else None) if many else label,
+                color=cmap(i / max(1, len(ordered) - 1)) if many else f"C{i % 10}",
+                alpha=0.8,
+                linewidth=1.2,
+                label=None if many else label,
+                zorder=2,
             )
         if rows:
+            # drawn under the nodes' curves (it coincides with the highest of them)
             ax.plot(
                 [r["round"] for r in rows],
                 [float(r["max_dp_epsilon"]) for r in rows],
-                "o--",
+                "-",
                 color="black",
+                alpha=0.25,
+                linewidth=6,
                 label="max over nodes",
+                zorder=1,
             )
-        ax.set(xlabel="round", ylabel="epsilon (whole run so far)", title="Privacy spent")
+        delta = self.config.get("dp-delta")
+        title = "Privacy spent per node" + (f" (delta = {float(delta):g})" if delta else "")
+        ax.set(xlabel="round", ylabel="epsilon (whole run so far)", title=title)
+        fig.suptitle(run_title(self.run_dir, self.config), fontsize="medium")
+        if many:
+            bar = fig.colorbar(
+                plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, len(ordered) - 1)),
+                ax=ax,
+            )
+            bar.set_ticks([0, len(ordered) - 1], labels=[ordered[0][0], ordered[-1][0]])
+            bar.set_label(f"each of the {len(ordered)} nodes, in this order")
         if self.max_epsilon() == math.inf:  # infinite points are not drawn: say why
             ax.text(
                 0.5,
@@ -552,7 +574,10 @@ class RunResults:
             )
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        if many:  # the colour bar is beside the axes: the one legend entry goes inside
+            ax.legend(fontsize="small", loc="upper left")
+        else:
+            ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         return save_figure(fig, self.run_dir / "privacy_epsilon.png")
 
@@ -575,6 +600,16 @@ class RunResults:
         summary |= fields
         _write_atomic(self.run_dir / "summary.json", json.dumps(_clean(summary), indent=2).encode())
         return summary
+
+
+#: the privacy plot names up to this many nodes in its legend (more: a colour bar)
+LEGEND_NODES = 16
+
+
+def _label_order(label: str) -> tuple[str, int]:
+    """Sort key of a node label (``partition 10`` after ``partition 9``)."""
+    kind, _, number = label.rpartition(" ")
+    return (kind, int(number)) if number.lstrip("-").isdigit() else (label, 0)
 
 
 def summarize_rounds(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:

@@ -41,8 +41,7 @@ def test_summary_of_a_failed_run_keeps_what_was_done(tmp_path) -> None:
     assert summary["final_accuracy"] == 0.1
 
 
-def test_rejection_reasons_are_counted_per_round(tmp_path) -> None:
-    diags = tmp_path / "diagnostics.jsonl"
+def test_rejection_reasons_are_counted_per_round() -> None:
     rows = [
         {"round": 1, "status": "rejected", "reason": "NaN"},
         {"round": 1, "status": "rejected", "reason": "NaN"},
@@ -50,12 +49,11 @@ def test_rejection_reasons_are_counted_per_round(tmp_path) -> None:
         {"round": 1, "status": "accepted", "reason": ""},
         {"round": 2, "status": "rejected", "reason": "other round"},
     ]
-    diags.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert rejection_reasons(diags, {"round": 1, "num_rejected": 3}) == [
+    assert rejection_reasons(rows, {"round": 1, "num_rejected": 3}) == [
         "2 node(s): NaN",
         "1 node(s): shape",
     ]
-    assert rejection_reasons(diags, {"round": 1, "num_rejected": 0}) == []
+    assert rejection_reasons(rows, {"round": 1, "num_rejected": 0}) == []
 
 
 def test_progress_and_table_show_the_round_numbers() -> None:
