@@ -538,7 +538,7 @@ def _report_outcome(
         )
     done = checkpoint_paths(run_dir)
     next_step = (
-        f"to continue after round {done[-1][0]} (its last checkpoint):\n  "
+        f"to continue after round {done[0][0]} (its last checkpoint):\n  "
         + resume_command(getattr(args, "argv", []), run_dir)
         if done
         else "no round was checkpointed: run the same command again to start over"

@@ -419,7 +419,9 @@ def _run(grid: Grid, cfg: RunConfig, results: RunResults, batch_cell: int = -1) 
     standings = write_reputation_report(results.run_dir, cfg.quarantine_threshold)
     # with DP, max_epsilon (null when every node refused) and dp_delta are always there
     epsilon = results.max_epsilon()
-    dp_fields = {"max_epsilon": epsilon, "dp_delta": cfg.dp_delta}
+    # (run_description carries dp_delta when the run config turns DP on; nodes may turn
+    # it on through their own node config)
+    dp_fields = {"max_epsilon": epsilon} | ({} if cfg.dp else {"dp_delta": cfg.dp_delta})
     summary = results.write_summary(
         status="completed",
         reason=None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -170,6 +171,61 @@ def test_ctrl_c_stops_every_process(tmp_path, bastion_env):
     assert summary["status"] == "interrupted" and "Ctrl-C" in summary["reason"]
     assert summary["rounds"] >= 1 and summary["wall_seconds"] > 0
     assert f"--output-dir {out} --resume" in output
+
+
+def test_superlink_crash_names_its_log_and_the_printed_resume_command_continues(
+    tmp_path, bastion_env
+):
+    """The SuperLink is killed after round 1: the console says it died, where its log
+    is and the exact command that continues; summary.json records the failure; that
+    command, run as printed, finishes the run from the last checkpoint."""
+    env, tag = bastion_env
+    out = tmp_path / "run"
+    args = ["run", "--clients", "2", "--rounds", "3", "--seed", "2", "--output-dir", str(out)]
+    proc = subprocess.Popen(
+        [*bastion_exe(), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoints" / "round-0001.pt").exists():
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.monotonic() < deadline, "no training round finished in time"
+            time.sleep(0.2)
+        (link,) = [
+            pid
+            for pid in tagged_processes(tag)
+            if Path(f"/proc/{pid}/cmdline")
+            .read_bytes()
+            .split(b"\0")[1]
+            .endswith(b"flower-superlink")
+        ]
+        os.kill(link, signal.SIGKILL)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, output
+    assert "the SuperLink exited with code -9" in output
+    assert f"its log: {out / 'logs' / 'superlink.log'}" in output
+    assert tagged_processes(tag) == []
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "failed" and "SuperLink exited" in summary["reason"]
+    printed = re.search(r"^  (bastion run .*--resume)$", output, re.MULTILINE)
+    assert printed, output
+    command = shlex.split(printed.group(1))
+    assert command[1:] == [*args, "--resume"]
+
+    again = run_bastion(command[2:], env, timeout=420)
+    assert again.returncode == 0, again.stdout + again.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds"] == 3
+    assert summary["resumed_from"] and summary["resumed_from"][-1] >= 1
+    assert tagged_processes(tag) == []
 
 
 def test_superlink_that_cannot_start_is_named_with_its_cause(
