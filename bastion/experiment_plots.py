@@ -22,6 +22,7 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from bastion.experiments import Cell, Sweep, cell_row, defence
 from bastion.figures import save_figure
@@ -32,6 +33,11 @@ PANEL_KEYS = ("partitioner", "attack")
 
 def _panel(cell: Cell) -> str:
     return " / ".join(cell.labels[k] for k in PANEL_KEYS if k in cell.labels) or cell.group
+
+
+def _titled(fig: Any, grid_dir: Path, what: str) -> None:
+    """Head the figure with the grid's name (its output folder) and what it shows."""
+    fig.suptitle(f"grid {grid_dir.name}: {what}", fontsize=10)
 
 
 def _grid_of(n: int) -> tuple[int, int]:
@@ -90,8 +96,9 @@ def plot_grid(
                         fontsize=6,
                         color="white" if v < 0.5 else "black",
                     )
-        ax.set_title(f"final accuracy ({part})", fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.03)
+        ax.set_title(f"{part} data: attacks (rows) x defences (columns)", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.03, label="final accuracy")
+        _titled(fig, out, "final central accuracy")
         fig.tight_layout()
         written.append(save_figure(fig, out / f"heatmap-{part}.png", dpi=110, tight=False))
 
@@ -125,6 +132,7 @@ def plot_grid(
             ax.set_ylabel("rounds selected", fontsize=7)
         for ax in list(axes.flat)[len(krum) :]:
             ax.axis("off")
+        _titled(fig, out, "rounds in which Krum selected each node (red: malicious)")
         fig.tight_layout()
         written.append(save_figure(fig, out / "krum_selection.png", dpi=110, tight=False))
 
@@ -178,6 +186,7 @@ def _privacy_plot(done: list[tuple[Cell, Path]], path: Path) -> Path:
     left.set(ylabel="final accuracy", ylim=(0, 1), title="accuracy")
     right.set(ylabel="max whole-run epsilon (log)", title="privacy spent (largest over nodes)")
     right.set_yscale("log")
+    _titled(fig, path.parent, "accuracy and privacy per defence, one line per attack")
     fig.tight_layout()
     return save_figure(fig, path, dpi=110, tight=False)
 
@@ -208,6 +217,7 @@ def _sweep_plot(sweep: Sweep, out: Path) -> Path | None:
     ax.set_title(f"{sweep.name}\n{fixed}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
+    _titled(fig, out, f"sweep of {sweep.key}")
     fig.tight_layout()
     return save_figure(fig, out / f"sweep-{sweep.name}.png", dpi=110, tight=False)
 
@@ -244,5 +254,6 @@ def _curves(
     handles, labels = axes.flat[0].get_legend_handles_labels()
     if labels:
         fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=7)
+    _titled(fig, path.parent, f"{key.replace('_', ' ')} per round, one line per defence")
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return save_figure(fig, path, dpi=110, tight=False)

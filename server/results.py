@@ -530,15 +530,21 @@ class RunResults:
         fig, ax = plt.subplots(figsize=(8.5 if not many else 8, 4.6))
         cmap = plt.get_cmap("viridis")
         ordered = sorted(curves.items(), key=lambda kv: _label_order(kv[0]))
+        ring = min(3.0, 10.0 / max(1, len(ordered) - 1))  # marker size step
         for i, (label, points) in enumerate(ordered):
             ax.plot(
                 *zip(*sorted(points), strict=True),
-                ".-",
+                "-",
                 color=cmap(i / max(1, len(ordered) - 1)) if many else f"C{i % 10}",
                 alpha=0.8,
                 linewidth=1.2,
                 label=None if many else label,
                 zorder=2,
+                # hollow markers of shrinking size: nodes that spent the same epsilon
+                # (same sample rate and rounds) show as rings inside each other
+                marker="." if many else "o",
+                fillstyle="full" if many else "none",
+                markersize=4 if many else 4 + (len(ordered) - 1 - i) * ring,
             )
         if rows:
             # drawn under the nodes' curves (it coincides with the highest of them)
@@ -572,7 +578,8 @@ class RunResults:
                 ha="center",
                 wrap=True,
             )
-        ax.set_ylim(bottom=0)
+        finite = [e for _, _, e in self.node_epsilons if math.isfinite(e)]
+        ax.set_ylim(0, 1.1 * max(finite) if finite and max(finite) > 0 else None)
         ax.grid(alpha=0.3)
         if many:  # the colour bar is beside the axes: the one legend entry goes inside
             ax.legend(fontsize="small", loc="upper left")
