@@ -80,7 +80,9 @@ def plot_grid(
                 acc = None
             if acc is not None:
                 grid[attacks.index(c.labels.get("attack", "-"))][defences.index(defence(c))] = acc
-        fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(defences), 1.0 + 0.45 * len(attacks)))
+        fig, ax = plt.subplots(
+            figsize=(max(6.0, 1.6 + 0.75 * len(defences)), max(3.2, 1.6 + 0.45 * len(attacks)))
+        )
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_xticks(range(len(defences)), defences, rotation=60, ha="right", fontsize=7)
         ax.set_yticks(range(len(attacks)), attacks, fontsize=8)
@@ -127,8 +129,11 @@ def plot_grid(
                 [counts[p] for p in pids],
                 color=["tab:red" if p in bad else "tab:blue" for p in pids],
             )
+            never = sorted(p for p in bad if not counts[p])
+            if never:  # a zero bar is invisible: mark malicious nodes Krum never picked
+                ax.plot(never, [0] * len(never), "x", color="tab:red", clip_on=False)
             ax.set_title(_panel(c), fontsize=9)
-            ax.set_xlabel("node (partition id); red = malicious", fontsize=7)
+            ax.set_xlabel("node (partition id); red = malicious, x = never selected", fontsize=7)
             ax.set_ylabel("rounds selected", fontsize=7)
         for ax in list(axes.flat)[len(krum) :]:
             ax.axis("off")
