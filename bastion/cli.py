@@ -510,8 +510,19 @@ def _report_outcome(
     from server.results import checkpoint_paths, record_outcome
 
     wall = round(clock.seconds(), 1)
-    status, reason = ("completed", None) if failure is None else (failure.status, failure.reason)
-    summary = record_outcome(run_dir, status, reason, since=attempt_started, wall_seconds=wall)
+    if failure is None:  # the run ended by itself: the ServerApp's summary says how
+        summary = record_outcome(
+            run_dir,
+            "failed",
+            "the run ended without a summary from the ServerApp (see logs/flwr-run.log)",
+            since=attempt_started,
+            only_if_missing=True,
+            wall_seconds=wall,
+        )
+    else:
+        summary = record_outcome(
+            run_dir, failure.status, failure.reason, since=attempt_started, wall_seconds=wall
+        )
     if summary.get("status") == "completed":
         print()
         print(final_table(rows, dp=cfg.dp))

@@ -635,7 +635,13 @@ def summarize_rounds(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def record_outcome(
-    run_dir: str | Path, status: str, reason: str | None, *, since: float, **fields: Any
+    run_dir: str | Path,
+    status: str,
+    reason: str | None,
+    *,
+    since: float,
+    only_if_missing: bool = False,
+    **fields: Any,
 ) -> dict[str, Any]:
     """Write the outcome of one attempt at a run into ``run_dir/summary.json``; return it.
 
@@ -645,7 +651,8 @@ def record_outcome(
     completed; without one (the ServerApp never started, or was killed) the accuracy
     fields come from ``metrics.jsonl`` (:func:`summarize_rounds`). ``status`` and
     ``reason`` replace the ServerApp's unless it completed the run (a stop that came
-    after the last round does not undo it) or this attempt has no reason of its own.
+    after the last round does not undo it) or this attempt has no reason of its own;
+    with ``only_if_missing`` they are used only when the ServerApp wrote no summary.
     """
     run_dir = Path(run_dir)
     path = run_dir / "summary.json"
@@ -655,10 +662,12 @@ def record_outcome(
             summary = json.loads(path.read_text())
     except (OSError, ValueError):
         summary = {}
-    if not summary:
+    wrote = bool(summary)
+    if not wrote:
         summary = summarize_rounds(read_jsonl(run_dir / "metrics.jsonl"))
         summary["run_dir"] = str(run_dir.resolve())
-    if summary.get("status") != "completed" and (reason or "status" not in summary):
+    ours = not (only_if_missing and wrote)
+    if ours and summary.get("status") != "completed" and (reason or "status" not in summary):
         summary["status"] = status
         summary["reason"] = reason
     summary |= fields

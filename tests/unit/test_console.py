@@ -200,6 +200,13 @@ def test_record_outcome_keeps_what_the_serverapp_said(tmp_path) -> None:
     assert kept["reason"] == "ValueError: boom" and kept["wall_seconds"] == 3.0
     link = record_outcome(tmp_path, "failed", "the SuperLink exited with code -9", since=since)
     assert link["reason"] == "the SuperLink exited with code -9"
+    # a run that ended by itself: the ServerApp's verdict stands; none is a failure
+    path.write_text(json.dumps({"status": "failed", "reason": "ValueError: boom"}))
+    kept = record_outcome(tmp_path, "failed", "no summary", since=since, only_if_missing=True)
+    assert kept["reason"] == "ValueError: boom"
+    path.unlink()
+    missing = record_outcome(tmp_path, "failed", "no summary", since=since, only_if_missing=True)
+    assert missing["status"] == "failed" and missing["reason"] == "no summary"
 
 
 def _readme_flags() -> dict[str, str]:
