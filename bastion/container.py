@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import json
 import os
 import socket
 import subprocess
@@ -647,9 +646,10 @@ def _stream(
 
 def cmd_run(env: Mapping[str, str]) -> int:
     """The ``runner`` service: submit the app, wait for it, check its summary."""
-    from bastion.cli import app_defaults, check_rule_fits, final_table
+    from bastion.cli import app_defaults, check_rule_fits, final_table, plural
     from bastion.config import RunConfig
     from bastion.runlog import read_jsonl
+    from server.results import record_outcome
 
     layout = Layout.from_env(env)
     tls = not insecure_mode(env)
@@ -700,24 +700,34 @@ def cmd_run(env: Mapping[str, str]) -> int:
         format_overrides(overrides),
     ]
     timeout = float(env_int(env, "BASTION_RUN_TIMEOUT", 3600, minimum=1))
-    started = time.monotonic()
+    started, since = time.monotonic(), time.time() - 1.0
     code, timed_out = _stream(cmd, proc_env, out_dir / "logs" / "flwr-run.log", timeout)
-    summary_path = out_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    # the attempt's outcome in summary.json, with the runner's wall time (the one printed)
+    wall = round(time.monotonic() - started, 1)
     if timed_out:
-        print(f"bastion runner: the run did not finish within {timeout:.0f} s", file=sys.stderr)
+        why = f"the run did not finish within BASTION_RUN_TIMEOUT ({timeout:.0f} s)"
+        record_outcome(out_dir, "failed", why, since=since, wall_seconds=wall)
+        print(f"bastion runner: {why}", file=sys.stderr)
         return 1
+    summary = record_outcome(
+        out_dir,
+        "failed",
+        f"flwr run exited {code} without a summary from the ServerApp",
+        since=since,
+        only_if_missing=True,
+        wall_seconds=wall,
+    )
     if summary.get("status") != "completed":
         print(
             f"bastion runner: the run did not complete (flwr run exited {code}): "
-            f"{summary.get('error', 'no summary.json written')}",
+            f"{summary.get('reason')}",
             file=sys.stderr,
         )
         return 1
-    print(final_table(read_jsonl(out_dir / "metrics.jsonl")))
+    print(final_table(read_jsonl(out_dir / "metrics.jsonl"), dp=cfg.dp))
     print(
         f"bastion runner: final accuracy {summary['final_accuracy']:.4f} after "
-        f"{summary['rounds']} rounds ({time.monotonic() - started:.0f} s); results in {where}",
+        f"{plural(int(summary['rounds']), 'round')} ({wall:.0f} s wall); results in {where}",
         flush=True,
     )
     return 0

@@ -453,7 +453,7 @@ def run_simulation(
             if summary is None:
                 error = f"no summary.json written in {output_dir}; see {log_dir / 'flwr-run.log'}"
             elif summary.get("status") != "completed":
-                error = f"run {summary.get('status')}: {summary.get('error', '?')}"
+                error = f"run {summary.get('status')}: {summary.get('reason', '?')}"
             else:
                 exit_code = 0
     finally:
