@@ -646,8 +646,9 @@ def _stream(
 
 def cmd_run(env: Mapping[str, str]) -> int:
     """The ``runner`` service: submit the app, wait for it, check its summary."""
-    from bastion.cli import app_defaults, check_rule_fits, final_table, plural
+    from bastion.cli import app_defaults, check_rule_fits
     from bastion.config import RunConfig
+    from bastion.console import final_table, plural
     from bastion.runlog import read_jsonl
     from server.results import record_outcome
 

@@ -1,4 +1,4 @@
-"""What ``bastion run`` tells the user: round lines, the final table, failures and the
+"""What ``bastion run`` tells the user (bastion.console, bastion.cli): round lines, the final table, failures and the
 README's flag table (no processes started here; tests/integration runs the real thing)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bastion import cli
+from bastion import cli, console
 from bastion.config import ConfigError, RunConfig
 from bastion.federation import ProcessStartError, failure_cause, with_interpreter_on_path
 from server.results import record_outcome
@@ -34,7 +34,7 @@ def test_malicious_line_separates_validation_from_what_a_selection_rule_did() ->
         _diag(4, "rejected", malicious=True),
         {"round": 1, "node_id": 9, "status": "accepted", "malicious": True},  # other round
     ]
-    line = cli.malicious_line(ROW | {"malicious_influence": 0.0}, diags)
+    line = console.malicious_line(ROW | {"malicious_influence": 0.0}, diags)
     assert line == (
         "malicious: 2 of 3 replies passed validation; the rule selected 0 of them, "
         "share of the aggregate 0.00"
@@ -43,31 +43,31 @@ def test_malicious_line_separates_validation_from_what_a_selection_rule_did() ->
 
 def test_malicious_line_for_a_weighting_rule_and_one_that_attributes_nothing() -> None:
     mean = [_diag(1, malicious=True, selected=True, weight=0.25), _diag(2, selected=True)]
-    assert cli.malicious_line(ROW | {"malicious_influence": 0.25}, mean) == (
+    assert console.malicious_line(ROW | {"malicious_influence": 0.25}, mean) == (
         "malicious: 1 of 1 reply passed validation; the rule selected 1 of them, "
         "share of the aggregate 0.25"
     )
     median = [_diag(1, malicious=True), _diag(2)]  # no weights, no selection
-    assert cli.malicious_line(ROW, median) == (
+    assert console.malicious_line(ROW, median) == (
         "malicious: 1 of 1 reply passed validation; the rule attributes its output to no "
         "single reply"
     )
     skipped = ROW | {"aggregation_error": "krum needs n >= 2f + 3"}
-    assert cli.malicious_line(skipped, median).endswith("; no aggregate this round")
-    assert cli.malicious_line(ROW, [_diag(2)]) is None  # nobody declared it
+    assert console.malicious_line(skipped, median).endswith("; no aggregate this round")
+    assert console.malicious_line(ROW, [_diag(2)]) is None  # nobody declared it
 
 
 def test_round_line_shows_validation_and_epsilon_with_dp() -> None:
     row = ROW | {"num_rejected": 1, "round_seconds": 3.0, "max_dp_epsilon": 1.234}
-    line = cli.progress_line(row, 5)
+    line = console.progress_line(row, 5)
     assert "2/5" in line and "replies 4 ok / 1 rejected" in line and "epsilon 1.23" in line
-    assert "epsilon" not in cli.progress_line(ROW, 5)
+    assert "epsilon" not in console.progress_line(ROW, 5)
 
 
 def test_round_printer_reads_diagnostics_as_they_grow(tmp_path, capsys) -> None:
     diags = tmp_path / "diagnostics.jsonl"
     diags.write_text(json.dumps(_diag(1, "rejected", reason="NaN in update")) + "\n")
-    printer = cli.RoundPrinter(tmp_path, 3)  # rows already there belong to an earlier run
+    printer = console.RoundPrinter(tmp_path, 3)  # rows already there belong to an earlier run
     with open(diags, "a") as fh:
         fh.write(json.dumps(_diag(2, "rejected", reason="update norm too large")) + "\n")
         fh.write(json.dumps(_diag(3, malicious=True, selected=True)) + "\n")
@@ -80,23 +80,24 @@ def test_round_printer_reads_diagnostics_as_they_grow(tmp_path, capsys) -> None:
 
 def test_final_table_explains_its_columns_and_the_missing_dp_train_loss() -> None:
     rows = [{"round": 0, "central_accuracy": 0.1}, ROW | {"overhead_seconds": 1.5}]
-    table = cli.final_table(rows, dp=True)
+    table = console.final_table(rows, dp=True)
     assert table.splitlines()[2].split()[3:5] == ["n/a", "(DP)"]
     legend = " ".join(table.split("\n\n", 1)[1].split())
     assert "overhead s = round wall time - slowest client's training" in legend
     assert "n/a with DP" in legend
-    assert "n/a" not in cli.final_table(rows).splitlines()[2]  # without DP: '-'
+    assert "n/a" not in console.final_table(rows).splitlines()[2]  # without DP: '-'
 
 
 def test_plural() -> None:
-    assert [cli.plural(n, "round") for n in (1, 2)] == ["1 round", "2 rounds"]
-    assert cli.plural(3, "reply") == "3 replies" and cli.plural(2, "process") == "2 processes"
+    assert [console.plural(n, "round") for n in (1, 2)] == ["1 round", "2 rounds"]
+    assert console.plural(3, "reply") == "3 replies"
+    assert console.plural(2, "process") == "2 processes"
 
 
 def test_resume_command_keeps_the_flags_and_points_at_the_run(tmp_path) -> None:
     run_dir = tmp_path / "my run"
     argv = ["run", "--clients", "3", "--output-dir", "/old", "--run-config", "lr=0.05 dp=true"]
-    cmd = cli.resume_command([*argv, "--resume"], run_dir)
+    cmd = console.resume_command([*argv, "--resume"], run_dir)
     assert shlex.split(cmd) == [
         "bastion",
         "run",
@@ -108,7 +109,7 @@ def test_resume_command_keeps_the_flags_and_points_at_the_run(tmp_path) -> None:
         str(run_dir),
         "--resume",
     ]
-    assert shlex.split(cli.resume_command(["run", f"--output-dir={run_dir}"], run_dir)) == [
+    assert shlex.split(console.resume_command(["run", f"--output-dir={run_dir}"], run_dir)) == [
         "bastion",
         "run",
         "--output-dir",

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from bastion.cli import final_table, progress_line, rejection_reasons
+from bastion.console import final_table, progress_line, rejection_reasons
 from server.results import RunResults
 
 
