@@ -52,12 +52,8 @@ def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return proc
 
 
-def netns_unavailable_reason() -> str | None:
-    """Why this machine cannot build a :class:`Topology`, or None when it can.
-
-    Creates and deletes one throw-away namespace, so it checks the permission as
-    well as the tools.
-    """
+def netns_prerequisites_missing() -> str | None:
+    """What this user or machine lacks for network namespaces (root, iproute2), or None."""
     missing = [tool for tool in ("ip", "ss") if shutil.which(tool) is None]
     if missing:
         return (
@@ -65,7 +61,19 @@ def netns_unavailable_reason() -> str | None:
             "(Debian: apt-get install iproute2)"
         )
     if os.geteuid() != 0:
-        return f"network namespaces need root (running as uid {os.geteuid()})"
+        return f"network namespaces need root (running as uid {os.geteuid()}); run as root"
+    return None
+
+
+def netns_unavailable_reason() -> str | None:
+    """Why this machine cannot build a :class:`Topology`, or None when it can.
+
+    Checks :func:`netns_prerequisites_missing`, then creates and deletes one
+    throw-away namespace, so it checks the permission as well as the tools.
+    """
+    missing = netns_prerequisites_missing()
+    if missing is not None:
+        return missing
     probe = f"bastion-probe-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     made = ip("netns", "add", probe, check=False)
     if made.returncode != 0:

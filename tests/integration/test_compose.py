@@ -3,13 +3,16 @@ malicious SuperNodes over TLS with SuperNode authentication, 2 rounds on digits,
 results on a host folder. A SuperNode started on the host with a key compose never
 registered is refused by the SuperLink.
 
-Runs on a private Docker engine that ``../shared/ci/docker-env.sh`` starts (it
-installs Debian's engine and Compose v2 and makes a local ``python:3.11-slim`` base
-image; no registry is needed). Needs root, like that script. The images are built
-with ``docker compose build`` from ``docker/wheelhouse/``, which
-``docker/fill-wheelhouse.sh`` fills with the local CPU torch wheel. Everything the
-test creates in the engine (containers, volumes, network) is removed at the end,
-also on failure, and the engine is stopped again when the test started it.
+Which Docker engine: the host's own when ``docker info`` and ``docker compose version``
+answer for this user (it is left running); otherwise, as root, a private engine that
+the repository's ``docker/dev-engine.sh`` starts (it installs Debian's engine and
+Compose v2 when missing and makes a local ``python:3.11-slim`` base image, so no
+registry is needed; the test stops that engine again if it started it). Without
+either (not root and no usable Docker) the test is skipped with a reason that says
+what to install. The images are built with ``docker compose build`` from
+``docker/wheelhouse/``, which ``docker/fill-wheelhouse.sh`` fills with the local CPU
+torch wheel. Everything the test creates in the engine (containers, volumes,
+network) is removed at the end, also on failure.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -38,9 +42,7 @@ from client.malicious import malicious_partitions
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[2]
-DOCKER_ENV = Path(
-    os.environ.get("BASTION_DOCKER_ENV_SCRIPT", ROOT.parent / "shared" / "ci" / "docker-env.sh")
-)
+DEV_ENGINE = ROOT / "docker" / "dev-engine.sh"
 HONEST, MALICIOUS, ROUNDS = 3, 1, 2
 IMAGE = "bastion:compose-test"
 
@@ -70,28 +72,55 @@ def _run(
     return res
 
 
-def _engine_env() -> dict[str, str]:
-    """``docker-env.sh start``'s ``export DOCKER_HOST=... DOCKER_CONFIG=...`` as a dict."""
-    if not DOCKER_ENV.is_file():
-        pytest.fail(
-            f"the CI Docker helper {DOCKER_ENV} does not exist: this test needs the "
-            "project's ../shared/ci/docker-env.sh next to the repository (or "
-            "BASTION_DOCKER_ENV_SCRIPT naming it) to start a private Docker engine"
-        )
-    res = _run(["bash", DOCKER_ENV, "start"], dict(os.environ), 900, "docker-env.sh start")
-    exports = [line for line in res.stdout.splitlines() if line.startswith("export ")]
-    assert exports, f"docker-env.sh start printed no export line:\n{res.stdout}"
+def _exports(stdout: str) -> dict[str, str]:
+    """``export DOCKER_HOST=... DOCKER_CONFIG=...`` (dev-engine.sh's last line) as a dict."""
+    exports = [line for line in stdout.splitlines() if line.startswith("export ")]
+    assert exports, f"dev-engine.sh printed no export line:\n{stdout}"
     pairs = dict(item.split("=", 1) for item in exports[-1].removeprefix("export ").split())
     assert {"DOCKER_HOST", "DOCKER_CONFIG"} <= set(pairs), exports[-1]
     return pairs
 
 
 def _engine_answers(env: dict[str, str]) -> bool:
-    try:
-        res = subprocess.run(["docker", "info"], env=env, capture_output=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return res.returncode == 0
+    """``docker info`` and ``docker compose version`` both succeed with ``env``."""
+    for cmd in (["docker", "info"], ["docker", "compose", "version"]):
+        try:
+            res = subprocess.run(cmd, env=env, capture_output=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+        if res.returncode != 0:
+            return False
+    return True
+
+
+def choose_engine() -> tuple[dict[str, str], bool]:
+    """The environment to reach a Docker engine with Compose v2, and whether this test
+    started it (then it stops it again).
+
+    The host's engine when it answers; else, as root, the repository's private engine
+    (``docker/dev-engine.sh``, already running or started now); else the test is
+    skipped, saying what to install.
+    """
+    if _engine_answers(dict(os.environ)):
+        return {}, False
+    status = subprocess.run(["bash", DEV_ENGINE, "status"], capture_output=True, text=True)
+    if status.returncode == 0 and _engine_answers(dict(os.environ) | _exports(status.stdout)):
+        return _exports(status.stdout), False
+    if os.geteuid() != 0:
+        pytest.skip(
+            "needs Docker with Compose v2 for this user (`docker info` and `docker compose "
+            "version` must succeed: install Docker Engine 23+ with the compose plugin and "
+            "add the user to the docker group), or root to start a private engine with "
+            f"{DEV_ENGINE.relative_to(ROOT)} (it installs Debian's docker.io, debootstrap "
+            f"and Compose v2); running as uid {os.geteuid()}"
+        )
+    if shutil.which("dockerd") is None and shutil.which("apt-get") is None:
+        pytest.skip(
+            "no Docker engine and no apt-get to install one: install Docker Engine 23+ "
+            "with the compose plugin"
+        )
+    res = _run(["bash", DEV_ENGINE, "start"], dict(os.environ), 1200, "dev-engine.sh start")
+    return _exports(res.stdout), True
 
 
 def _tls_handshake(port: int, ca_file: Path, hostname: str) -> str:
@@ -279,23 +308,15 @@ def _compose_run(
 
 def test_compose_federation_with_a_malicious_node(tmp_path) -> None:
     timings: dict[str, float] = {}
-    default_root = os.environ.get("BASTION_DOCKER_ROOT", "/var/lib/bastion-docker")
-    probe_env = dict(os.environ, DOCKER_HOST=f"unix://{default_root}/docker.sock")
-    engine_was_running = _engine_answers(probe_env)
-    if not engine_was_running and os.geteuid() != 0:
-        pytest.fail(
-            "the compose test starts a private Docker engine with ../shared/ci/docker-env.sh, "
-            f"which needs root (this is uid {os.geteuid()}); run the suite as root, as CI does"
-        )
     started = time.monotonic()
+    engine, started_here = choose_engine()
     try:
-        engine = _engine_env()
         timings["engine start"] = time.monotonic() - started
         runner_exit, wait_text, logs, leftovers = _compose_run(tmp_path, engine, timings)
     finally:
-        if not engine_was_running:
+        if started_here:
             subprocess.run(
-                ["bash", DOCKER_ENV, "stop"], env=dict(os.environ), capture_output=True, timeout=120
+                ["bash", DEV_ENGINE, "stop"], env=dict(os.environ), capture_output=True, timeout=120
             )
         timings["whole test"] = time.monotonic() - started
         print("compose test timings (s):", json.dumps({k: round(v) for k, v in timings.items()}))

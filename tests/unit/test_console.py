@@ -1,5 +1,6 @@
-"""What ``bastion run`` tells the user (bastion.console, bastion.cli): round lines, the final table, failures and the
-README's flag table (no processes started here; tests/integration runs the real thing)."""
+"""What ``bastion run`` tells the user (``bastion.console``, ``bastion.cli``): round
+lines, the final table, failures and the README's flag table (no processes started
+here; tests/integration runs the real thing)."""
 
 from __future__ import annotations
 
