@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -136,27 +137,43 @@ def test_krum_runs_over_the_federation_and_reports_its_choice(tmp_path, bastion_
         assert chosen[0]["score"] == min(d["score"] for d in this)  # Krum picks the lowest
 
 
-def test_ctrl_c_stops_every_process(tmp_path, bastion_env):
-    env, tag = bastion_env
-    out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [*bastion_exe(), "run", "--clients", "2", "--rounds", "50", "--output-dir", str(out)],
+def _start_bastion(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    """``bastion ARGS`` in the background, its output (stdout and stderr) on a pipe."""
+    return subprocess.Popen(
+        [*bastion_exe(), *args],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+
+
+def _wait_until(
+    done: Callable[[], bool], proc: subprocess.Popen[str], what: str, timeout: float = 300
+) -> None:
+    """Poll ``done`` until true; fail with the output when ``proc`` ends first or at
+    ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else ""
+        assert time.monotonic() < deadline, f"no {what} within {timeout:.0f} s"
+        time.sleep(0.2)
+
+
+def test_ctrl_c_stops_every_process(tmp_path, bastion_env):
+    env, tag = bastion_env
+    out = tmp_path / "run"
+    proc = _start_bastion(
+        ["run", "--clients", "2", "--rounds", "50", "--output-dir", str(out)], env
+    )
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            metrics = out / "metrics.jsonl"
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-                break
-            assert proc.poll() is None, proc.stdout.read()
-            time.sleep(0.5)
-        else:
-            pytest.fail("no training round finished in time")
+        metrics = out / "metrics.jsonl"
+        _wait_until(
+            lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 2,
+            proc,
+            "a training round",
+        )
         assert tagged_processes(tag), "the federation should be running mid-run"
         proc.send_signal(signal.SIGINT)
         output, _ = proc.communicate(timeout=60)
@@ -182,20 +199,9 @@ def test_superlink_crash_names_its_log_and_the_printed_resume_command_continues(
     env, tag = bastion_env
     out = tmp_path / "run"
     args = ["run", "--clients", "2", "--rounds", "3", "--seed", "2", "--output-dir", str(out)]
-    proc = subprocess.Popen(
-        [*bastion_exe(), *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = _start_bastion(args, env)
     try:
-        deadline = time.monotonic() + 300
-        while not (out / "checkpoints" / "round-0001.pt").exists():
-            assert proc.poll() is None, proc.stdout.read()
-            assert time.monotonic() < deadline, "no training round finished in time"
-            time.sleep(0.2)
+        _wait_until((out / "checkpoints" / "round-0001.pt").exists, proc, "round 1's checkpoint")
         (link,) = [
             pid
             for pid in tagged_processes(tag)
