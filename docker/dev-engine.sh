@@ -5,7 +5,7 @@
 #
 #   docker/dev-engine.sh start    # as root; prints: export DOCKER_HOST=... DOCKER_CONFIG=...
 #   eval "$(docker/dev-engine.sh start)" && docker compose up --build
-#   docker/dev-engine.sh status   # exit 0 when the private engine answers
+#   docker/dev-engine.sh status   # exit 0 when the private engine is up and has the base image
 #   docker/dev-engine.sh stop
 #
 # `start` is idempotent (a second call reuses what is there) and, as root:
@@ -99,8 +99,15 @@ start_engine() {
 }
 
 debian_mirror() {
-  grep -hoE '^(URIs:|deb) *[^ ]+/debian/?( |$)' /etc/apt/sources.list.d/*.sources \
-    /etc/apt/sources.list 2>/dev/null | awk '{print $2}' | head -n 1
+  # the first Debian mirror of this host's apt sources (deb822 or one-line format)
+  local files=() f
+  for f in /etc/apt/sources.list.d/*.sources /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
+    if [ -f "$f" ]; then files+=("$f"); fi
+  done
+  [ ${#files[@]} -gt 0 ] || return 0
+  awk '$1 == "URIs:" || $1 == "deb" {
+         for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\/.*\/debian\/?$/) { print $i; exit }
+       }' "${files[@]}"
 }
 
 make_base_image() {
@@ -164,7 +171,10 @@ case "${1:-}" in
     echo "export DOCKER_HOST=$DOCKER_HOST DOCKER_CONFIG=$DOCKER_CONFIG"
     ;;
   status)
-    engine_answers && echo "export DOCKER_HOST=$DOCKER_HOST DOCKER_CONFIG=$DOCKER_CONFIG"
+    # ready: the engine answers, Compose v2 runs and the base image is there
+    engine_answers && docker compose version >/dev/null 2>&1 \
+      && docker image inspect "$BASE_IMAGE" >/dev/null 2>&1 \
+      && echo "export DOCKER_HOST=$DOCKER_HOST DOCKER_CONFIG=$DOCKER_CONFIG"
     ;;
   stop)
     stop_engine

@@ -119,7 +119,11 @@ def choose_engine() -> tuple[dict[str, str], bool]:
             "no Docker engine and no apt-get to install one: install Docker Engine 23+ "
             "with the compose plugin"
         )
-    res = _run(["bash", DEV_ENGINE, "start"], dict(os.environ), 1200, "dev-engine.sh start")
+    try:
+        res = _run(["bash", DEV_ENGINE, "start"], dict(os.environ), 1200, "dev-engine.sh start")
+    except BaseException:  # a half-done start may have left dockerd running
+        subprocess.run(["bash", DEV_ENGINE, "stop"], capture_output=True, timeout=120)
+        raise
     return _exports(res.stdout), True
 
 
