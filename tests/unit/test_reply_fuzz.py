@@ -28,7 +28,7 @@ from flwr.app import (
 )
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.malformed import mutate_npy
+from client.malformed import fuzzed_node_reply, mutate_npy
 from strategies.layout import ModelLayout, NpyHeaderError, UnsupportedNpyVersion, read_npy_header
 from strategies.strategy import RobustStrategy
 from strategies.validation import MAX_REASON_CHARS, RejectedReply, check_train_reply
@@ -169,3 +169,27 @@ def test_mutated_replies_through_the_strategy_never_raise() -> None:
             if diag.status == "rejected":
                 assert diag.reason and len(diag.reason) <= MAX_REASON_CHARS + TRUNCATION_NOTE
     assert sum(statuses.values()) == CASES and statuses["rejected"] > CASES // 2
+
+
+def test_a_fuzz_node_mutates_one_header_per_round_deterministically() -> None:
+    honest = RecordDict(
+        {
+            "arrays": ArrayRecord(OrderedDict(w=Array(W), b=Array(B))),
+            "metrics": MetricRecord({"num-examples": 5}),
+        }
+    )
+    first = fuzzed_node_reply(honest, server_round=3, partition_id=5, node_id=1)
+    again = fuzzed_node_reply(honest, server_round=3, partition_id=5, node_id=1)
+    changed = [k for k, a in first["arrays"].items() if a.data != honest["arrays"][k].data]
+    assert len(changed) <= 1  # one array mutated (a mutation may be a no-op)
+    assert all(a.data == again["arrays"][k].data for k, a in first["arrays"].items())
+    for name in changed:  # header only: the data bytes are the honest ones, at the end
+        original = honest["arrays"][name].data
+        assert first["arrays"][name].data.endswith(original[128:])
+    rounds = {
+        bytes(
+            fuzzed_node_reply(honest, server_round=r, partition_id=5, node_id=1)["arrays"]["w"].data
+        )
+        for r in range(1, 20)
+    }
+    assert len(rounds) > 5  # each round its own mutation
