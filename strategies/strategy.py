@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import math
-import statistics
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from logging import INFO, WARNING
@@ -43,7 +42,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from strategies._kernels import norm64
+from strategies._kernels import coordinate_median, norm64
 from strategies.layout import ModelLayout
 from strategies.registry import Pipeline, build_aggregator, build_preaggregator, compose
 from strategies.reputation import Reputation, ReputationConfig
@@ -455,10 +454,13 @@ class RobustStrategy(FedAvg):
         used = [n for n in nodes if n.status == "accepted"]
         if not used:
             return None
+        # the rules' coordinate median: for even n, s/2 + s'/2 (no overflow at 1.7e308)
+        values = torch.tensor([[n.eval_loss, n.eval_accuracy] for n in used], dtype=torch.float64)
+        loss, accuracy = coordinate_median(values).tolist()
         return MetricRecord(
             {
-                "eval-loss": statistics.median(n.eval_loss for n in used),  # type: ignore[misc]
-                "eval-accuracy": statistics.median(n.eval_accuracy for n in used),  # type: ignore[misc]
+                "eval-loss": loss,
+                "eval-accuracy": accuracy,
                 "num-nodes": len(used),
                 "num-examples": sum(n.num_examples or 0 for n in used),
             }

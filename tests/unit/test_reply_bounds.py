@@ -250,6 +250,14 @@ def test_plus_minus_max_float_losses_cannot_make_the_result_nan() -> None:
     b = eval_reply(3, {"num-examples": 1, "eval-loss": -1.7e308, "eval-accuracy": 0.5})
     out, _ = evaluated([honest_eval(1), a, b], [1, 2, 3])
     assert out["eval-loss"] == pytest.approx(0.3)
+    # an even count whose two middle values are both 1.7e308: their midpoint is
+    # 1.7e308 (a + b would overflow to inf)
+    c, d = (
+        eval_reply(n, {"num-examples": 1, "eval-loss": 1.7e308, "eval-accuracy": 0.5})
+        for n in (4, 5)
+    )
+    out, _ = evaluated([honest_eval(1), a, c, d], [1, 2, 4, 5])
+    assert out["eval-loss"] == 1.7e308
 
 
 def test_evaluation_replies_are_identity_checked_too() -> None:
