@@ -284,7 +284,9 @@ class RobustStrategy(FedAvg):
         pending = _take_all(replies)
         summary = RoundSummary(num_replies=len(pending))
         deltas = self._buffer_for(len(pending), layout.dim)
-        ledger = ReplyLedger.of(self._train_sent)
+        # the ids were set when the messages were pushed; then let them go (each
+        # references the global model it carried)
+        ledger, self._train_sent = ReplyLedger.of(self._train_sent), []
         decoded: list[NodeDiagnostics] = []
         while pending:
             msg = pending.pop()
@@ -426,7 +428,7 @@ class RobustStrategy(FedAvg):
         returned record has ``eval-loss``, ``eval-accuracy``, ``num-nodes`` and the
         reported ``num-examples`` summed (a diagnostic).
         """
-        ledger = ReplyLedger.of(self._evaluate_sent)
+        ledger, self._evaluate_sent = ReplyLedger.of(self._evaluate_sent), []
         nodes: list[EvaluationNode] = []
         pending = _take_all(replies)
         while pending:
