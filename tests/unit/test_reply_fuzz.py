@@ -193,3 +193,15 @@ def test_a_fuzz_node_mutates_one_header_per_round_deterministically() -> None:
         for r in range(1, 20)
     }
     assert len(rounds) > 5  # each round its own mutation
+
+
+def test_a_big_endian_header_is_a_mismatch_not_a_byteswapped_decode() -> None:
+    # NumPy calls '>f4' float32 too; decoding it natively would swap every value
+    layout = ModelLayout.of(ArrayRecord(OrderedDict((k, Array(v)) for k, v in GLOBAL.items())))
+    swapped = VALID[0].replace(b"'<f4'", b"'>f4'")
+    assert swapped != VALID[0] and _np_load(swapped) is not None
+    with pytest.raises(RejectedReply) as err:
+        check_train_reply(_reply(1, _record(swapped)), layout)
+    assert str(err.value) == (
+        "undecodable array 'w': .npy header says >f4[3, 4], metadata says float32[3, 4]"
+    )
