@@ -323,7 +323,7 @@ class NodeConfig(_FlatModel):
     data_dir: str = ""
     # A node can be made malicious by its own config (docker-compose, real
     # deployments); unset keys fall back to the run config.
-    role: Literal["", "honest", "malicious", "malformed"] = ""
+    role: Literal["", "honest", "malicious", "malformed", "fuzz"] = ""
     attack: AttackName | None = None
     attack_epsilon: float | None = Field(None, ge=-1e6, le=1e6)
     attack_z: float | None = Field(None, ge=-1e3, le=1e3)
@@ -346,6 +346,8 @@ class NodeConfig(_FlatModel):
     dp_budget_action: DPBudgetAction | None = None
     dp_grad_sample_mode: GradSampleMode | None = None
     state_dir: str | None = None
+    # role="fuzz" (client.malformed): trains honestly, sends its reply with one .npy
+    # header byte-mutated each round.
     # role="malformed" (client.malformed): the kinds of malformed reply this node sends,
     # comma-separated, one per round by a documented rule; unset: the whole corpus
     malformed_kinds: str | None = None

@@ -16,7 +16,8 @@ adds ``dp-epsilon`` (spent over the whole run so far), ``dp-delta``,
 ``train-loss`` (a statistic of its training data that DP-SGD does not protect); a
 node whose privacy budget is spent replies with an error message instead. A node
 with node config ``role = "malformed"`` trains honestly, then breaks its reply on
-purpose, one kind of :mod:`client.malformed`'s corpus per round.
+purpose, one kind of :mod:`client.malformed`'s corpus per round; one with
+``role = "fuzz"`` byte-mutates one ``.npy`` header of its reply every round.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from flwr.clientapp import ClientApp
 
 from bastion.config import NodeConfig, RunConfig, TrainInstructions
 from client.attacks import label_flip
-from client.malformed import malformed_node_reply
+from client.malformed import fuzzed_node_reply, malformed_node_reply
 from client.malicious import AttackPlan, apply_attack, resolve_plan
 from client.privacy import PrivateRound, budget_error_reply, resolve_dp
 from task.datasets import ArrayDataset, num_classes
@@ -161,6 +162,13 @@ def train(msg: Message, context: Context) -> Message:
             partition_id=node.partition_id,
             node_id=int(context.node_id),
             max_reply_bytes=run.max_reply_bytes,
+        )
+    elif node.role == "fuzz":  # byte-mutated .npy headers: see client.malformed
+        content = fuzzed_node_reply(
+            content,
+            server_round=instr.server_round,
+            partition_id=node.partition_id,
+            node_id=int(context.node_id),
         )
     return Message(content=content, reply_to=msg)
 

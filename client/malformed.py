@@ -20,6 +20,12 @@ order). The rule, with ``K`` kinds and ``H = ceil(K / 2)``::
 so two malformed nodes with consecutive partition ids send, between them, every
 kind once in the first ``H`` rounds. The node logs the kind it sends (ground truth
 for tests and experiments, never read by the server).
+
+A SuperNode with ``role = "fuzz"`` sends, every round, its honest reply with one
+array's ``.npy`` header mutated at the byte level (:func:`mutate_npy`, seeded by
+round and partition; :func:`fuzzed_node_reply`). Header mutations only: whatever
+the server accepts of them carries the honest values, so a fuzz node does not
+poison the model when the server is right; the unit fuzz test mutates payloads too.
 """
 
 from __future__ import annotations
@@ -297,6 +303,111 @@ def _builders(max_reply_bytes: int) -> dict[str, Callable[[RecordDict], RecordDi
         "oversized-array": lambda h: _oversized_array(h, max_reply_bytes),
         "oversized-record": lambda h: _oversized_record(h, max_reply_bytes),
     }
+
+
+# ------------------------------------------------------------------ byte-level fuzzing
+# bytes that matter to a .npy header's dict literal and to Python's tokenizer
+FUZZ_SPECIAL = b"()[]{}'\",:0123456789-+.eEjJL_ \n\t\\#\x00\x7f\x80\xff"
+FUZZ_OPS = (
+    "set-byte",
+    "set-special",
+    "insert",
+    "delete",
+    "truncate",
+    "repeat",
+    "header-length",
+    "nest",
+)
+
+
+def _npy_header_end(data: bytes) -> int:
+    """Where a well-formed ``.npy`` payload's data starts (its header's end), or
+    ``len(data)`` when the prefix does not say (already mutated)."""
+    if len(data) >= 10 and data[6:8] == b"\x01\x00":
+        return min(len(data), 10 + int.from_bytes(data[8:10], "little"))
+    if len(data) >= 12 and data[6:8] == b"\x02\x00":
+        return min(len(data), 12 + int.from_bytes(data[8:12], "little"))
+    return len(data)
+
+
+def mutate_npy(
+    data: bytes, rng: np.random.Generator, *, header_only: bool = False
+) -> tuple[bytes, str]:
+    """One seeded byte-level mutation of the ``.npy`` payload ``data``, and what it did.
+
+    The operation is drawn from :data:`FUZZ_OPS`: overwrite one byte (any value, or
+    one of :data:`FUZZ_SPECIAL`), insert or delete 1-8 bytes, truncate, repeat a
+    slice of the header up to 64 times, rewrite the header-length field, or replace
+    a stretch of the header with 1-5000 nested brackets (a recursion bomb for an
+    ``eval``-based parser), fixing the length field so the header still spans it.
+    Positions fall in the header (``header_only``) or, 3 times in 4, in the header
+    and else anywhere in the payload.
+    """
+    end = _npy_header_end(data)
+    span = end if header_only or rng.random() < 0.75 else len(data)
+    pos = int(rng.integers(0, max(span, 1)))
+    op = FUZZ_OPS[int(rng.integers(0, len(FUZZ_OPS)))]
+    special = FUZZ_SPECIAL
+    if op == "set-byte" and data:
+        value = int(rng.integers(0, 256))
+        return data[:pos] + bytes([value]) + data[pos + 1 :], f"{op} {pos}={value}"
+    if op == "set-special" and data:
+        value = special[int(rng.integers(0, len(special)))]
+        return data[:pos] + bytes([value]) + data[pos + 1 :], f"{op} {pos}={value}"
+    if op == "insert":
+        count = int(rng.integers(1, 9))
+        blob = bytes(special[int(i)] for i in rng.integers(0, len(special), count))
+        return data[:pos] + blob + data[pos:], f"{op} {pos}+{blob!r}"
+    if op == "delete":
+        count = int(rng.integers(1, 9))
+        return data[:pos] + data[pos + count :], f"{op} {pos}-{count}"
+    if op == "truncate":
+        return data[:pos], f"{op} {pos}"
+    if op == "repeat":
+        lo = int(rng.integers(0, max(end, 1)))
+        hi = min(end, lo + int(rng.integers(1, 9)))
+        times = int(rng.integers(2, 65))
+        return data[:hi] + data[lo:hi] * times + data[hi:], f"{op} [{lo}:{hi}]x{times}"
+    if op == "header-length":
+        field = 4 if data[6:8] == b"\x02\x00" else 2
+        value = int(rng.integers(0, 256**field))
+        patched = data[:8] + value.to_bytes(field, "little") + data[8 + field :]
+        return patched, f"{op} {value}"
+    # nest: brackets in the middle of the header, length field fixed to cover them
+    depth = int(rng.integers(1, 5001))
+    opening, closing = ((b"(", b")"), (b"[", b"]"), (b"{", b"}"))[int(rng.integers(0, 3))]
+    nested = opening * depth + closing * int(rng.integers(0, depth + 1))
+    pos = min(max(pos, 12), end)
+    body = data[:pos] + nested + data[pos:end]
+    start = 12 if data[6:8] == b"\x02\x00" else 10
+    length = min(max(len(body) - start, 0), 256 ** (start - 8) - 1)
+    patched = body[:8] + length.to_bytes(start - 8, "little") + body[start:]
+    return patched + data[end:], f"{op} {pos} depth {depth}"
+
+
+def fuzzed_node_reply(
+    honest: RecordDict, *, server_round: int, partition_id: int, node_id: int
+) -> RecordDict:
+    """What a ``role = "fuzz"`` node sends instead of ``honest`` this round: the
+    honest reply with one array's ``.npy`` header byte-mutated (:func:`mutate_npy`,
+    ``header_only``; generator seeded by ``(round, partition)``). Logs the array
+    and the mutation (ground truth for tests)."""
+    rng = np.random.default_rng([server_round, partition_id])
+    arrays = _arrays(honest)
+    name = list(arrays)[int(rng.integers(0, len(arrays)))]
+    old = arrays[name]
+    data, what = mutate_npy(old.data, rng, header_only=True)
+    arrays[name] = Array(dtype=old.dtype, shape=tuple(old.shape), stype=old.stype, data=data)
+    log(
+        WARNING,
+        "[bastion] fuzz node %d (partition %d), round %d: array %r: %s",
+        node_id,
+        partition_id,
+        server_round,
+        name,
+        what[:200],
+    )
+    return _reply(honest, arrays)
 
 
 # ------------------------------------------------------------------ public API

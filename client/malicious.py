@@ -79,7 +79,7 @@ def resolve_plan(run: RunConfig, node: NodeConfig) -> AttackPlan | None:
     """This node's attack plan, or ``None`` for an honest node (and for a
     ``role = "malformed"`` node, which trains honestly and breaks its reply
     afterwards: :mod:`client.malformed`)."""
-    if node.role in ("honest", "malformed"):
+    if node.role in ("honest", "malformed", "fuzz"):
         return None
     if node.role == "":
         if run.num_malicious == 0:

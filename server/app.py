@@ -34,6 +34,7 @@ from strategies.strategy import (
     pipeline_from_config,
     reputation_from_config,
 )
+from strategies.validation import bounded
 from task.datasets import load_dataset
 from task.models import build_model
 from task.training import evaluate, resolve_device
@@ -78,7 +79,7 @@ def superlink_error_reason(error: Error) -> str:
         what = "reply unavailable (SuperLink: the node's reply expired)"
     else:
         what = "error reply from the SuperLink"
-    return f"{what}; error code {code}: {error.reason}"
+    return f"{what}; error code {code}: {bounded(str(error.reason))}"
 
 
 def send_and_receive(
@@ -364,6 +365,13 @@ def _run(grid: Grid, cfg: RunConfig, results: RunResults, batch_cell: int = -1) 
             )
             eval_replies, _ = send_and_receive(grid, eval_msgs, cfg.round_timeout)
             fed = strategy.aggregate_evaluate(server_round, eval_replies)
+            # medians over the nodes whose replies were usable (strategy.aggregate_evaluate)
+            row["federated_nodes"] = 0 if fed is None else fed["num-nodes"]
+            row["federated_rejected"] = [
+                {"node_id": n.node_id, "reason": n.reason}
+                for n in strategy.last_evaluation
+                if n.status == "rejected"
+            ]
             if fed is not None:
                 row["federated_accuracy"] = fed["eval-accuracy"]
                 row["federated_loss"] = fed["eval-loss"]

@@ -24,7 +24,7 @@ from bastion.config import RunConfig
 from client.attacks import build_attack
 from client.malicious import attack_params
 from strategies.layout import ModelLayout
-from strategies.validation import METRICS_KEY, RejectedReply, check_train_reply
+from strategies.validation import METRICS_KEY, check_train_reply
 
 
 class OmniscientRefused(RuntimeError):
@@ -82,7 +82,7 @@ class OmniscientAdversary:
         for msg in replies:
             try:
                 check_train_reply(msg, layout)
-            except RejectedReply:
+            except Exception:  # RejectedReply or anything else from this one reply:
                 continue  # the strategy will reject it with its reason
             metrics = msg.content.metric_records[METRICS_KEY]
             if metrics.get("malicious") == 1:

@@ -3,9 +3,10 @@
 :class:`RobustStrategy` subclasses Flower's Message-API ``FedAvg`` for node
 sampling and message construction and replaces everything on the reply side:
 
-1. each reply is validated on its own (:mod:`strategies.validation`: size,
-   records, arrays, metrics); a bad reply is dropped with a recorded reason while
-   the round goes on;
+1. each reply is validated on its own (:mod:`strategies.validation`: identity,
+   size, records, arrays, metrics); a bad reply is dropped with a recorded,
+   bounded reason while the round goes on. Any exception raised while one reply
+   is checked or decoded is that reply's rejection, never the round's;
 2. accepted replies are decoded into one preallocated ``(n, d)`` float32 tensor
    of *deltas* from the current global model (differences of nearby numbers are
    exact in floating point, full weights are not); a row with a non-finite value
@@ -13,7 +14,7 @@ sampling and message construction and replaces everything on the reply side:
 3. a :class:`~strategies.registry.Pipeline` (pre-aggregation steps such as
    clipping or s-resampling, then a robust rule such as Krum) maps the deltas
    to one delta (``(n, d) -> (d,)``); client-reported ``num-examples`` never
-   weights anything;
+   weights anything (nor in federated evaluation: the median over nodes);
 4. the server optimizer applies it: ``v <- server_momentum * v + delta``,
    ``global <- global + server_lr * v``;
 5. per-node diagnostics (accepted/rejected and why, update norm, cosine to the
@@ -41,16 +42,20 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from strategies._kernels import norm64
+from strategies._kernels import coordinate_median, norm64
 from strategies.layout import ModelLayout
 from strategies.registry import Pipeline, build_aggregator, build_preaggregator, compose
 from strategies.reputation import Reputation, ReputationConfig
 from strategies.validation import (
     DEFAULT_MAX_REPLY_BYTES,
     DEFAULT_MAX_UPDATE_NORM,
+    MAX_REASON_CHARS,
     METRICS_KEY,
-    RejectedReply,
+    ReplyLedger,
+    bounded,
+    check_evaluate_reply,
     check_train_reply,
+    failure_reason,
 )
 
 
@@ -113,6 +118,19 @@ class RoundSummary:
     nodes: list[NodeDiagnostics] = field(default_factory=list)
 
 
+@dataclass
+class EvaluationNode:
+    """One node's federated-evaluation reply: used (its metrics) or dropped (why)."""
+
+    node_id: int
+    status: str  # "accepted" or "rejected"
+    reason: str = ""
+    eval_loss: float | None = None
+    eval_accuracy: float | None = None
+    # what the node says it evaluated on; a diagnostic, never a weight
+    num_examples: int | None = None
+
+
 class RobustStrategy(FedAvg):
     """FedAvg's node sampling; per-reply validation and a robust pipeline over deltas."""
 
@@ -149,6 +167,10 @@ class RobustStrategy(FedAvg):
         self._global: ArrayRecord | None = None
         self._layout: ModelLayout | None = None
         self.last_round = RoundSummary()
+        self.last_evaluation: list[EvaluationNode] = []
+        # the messages of the current round (their ids are set when they are pushed)
+        self._train_sent: list[Message] = []
+        self._evaluate_sent: list[Message] = []
         self.reputation = reputation or Reputation()
         # reply limits (strategies.validation; run-config keys of the same names, 0: none)
         self.max_reply_bytes = max_reply_bytes
@@ -194,17 +216,19 @@ class RobustStrategy(FedAvg):
         (leaving out the nodes :attr:`reputation` has quarantined for this round)."""
         self._global = arrays
         self._layout = ModelLayout.of(arrays)
-        return self._without_quarantined(
+        self._train_sent = self._without_quarantined(
             server_round, super().configure_train(server_round, arrays, config, grid)
         )
+        return self._train_sent
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Flower's evaluation sampling, without the quarantined nodes."""
-        return self._without_quarantined(
+        self._evaluate_sent = self._without_quarantined(
             server_round, super().configure_evaluate(server_round, arrays, config, grid)
         )
+        return self._evaluate_sent
 
     def _without_quarantined(self, server_round: int, messages: Iterable[Message]) -> list[Message]:
         out = list(messages)
@@ -245,36 +269,50 @@ class RobustStrategy(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate each reply, aggregate the accepted deltas, return the new global model."""
+        """Validate each reply, aggregate the accepted deltas, return the new global model.
+
+        Each reply is checked for identity (:class:`~strategies.validation.ReplyLedger`:
+        an answer to a message of this round, from its node, the node's first) and
+        content; whatever one reply raises while checked or decoded is recorded as
+        its rejection (:func:`~strategies.validation.failure_reason`). A list passed
+        as ``replies`` is emptied as the replies are consumed, so that the caller
+        keeps no reference: each reply is freed once rejected or decoded.
+        """
         if self._global is None or self._layout is None:
             raise RuntimeError("aggregate_train called before configure_train")
-        layout, replies = self._layout, list(replies)
-        summary = RoundSummary(num_replies=len(replies))
-        deltas = self._buffer_for(len(replies), layout.dim)
+        layout = self._layout
+        pending = _take_all(replies)
+        summary = RoundSummary(num_replies=len(pending))
+        deltas = self._buffer_for(len(pending), layout.dim)
+        # the ids were set when the messages were pushed; then let them go (each
+        # references the global model it carried)
+        ledger, self._train_sent = ReplyLedger.of(self._train_sent), []
         decoded: list[NodeDiagnostics] = []
-        for msg in replies:
-            diag = NodeDiagnostics(
-                round=server_round, node_id=int(msg.metadata.src_node_id), status="accepted"
-            )
+        while pending:
+            msg = pending.pop()
+            diag = NodeDiagnostics(round=server_round, node_id=_node_of(msg), status="accepted")
             summary.nodes.append(diag)
             try:
+                ledger.admit(msg)
                 check_train_reply(msg, layout, max_reply_bytes=self.max_reply_bytes)
                 layout.flatten_into(
                     msg.content.array_records["arrays"], deltas[len(decoded)], minus=self._global
                 )
-            except ValueError as exc:  # RejectedReply, or payload bytes that contradict
-                reason = str(exc)  # the Array's own metadata (malformed .npy)
-                if not isinstance(exc, RejectedReply):
-                    reason = f"undecodable update: {reason}"
-                self._reject(server_round, diag, reason)
+                metrics = msg.content.metric_records[METRICS_KEY]
+                diag.partition_id = _int_or_none(metrics.get("partition-id"))
+                diag.num_examples = float(metrics["num-examples"])
+                diag.train_loss = _float_or_none(metrics.get("train-loss"))
+                diag.train_seconds = _float_or_none(metrics.get("train-seconds"))
+                diag.malicious = metrics.get("malicious") == 1
+                diag.dp_epsilon = _float_or_none(metrics.get("dp-epsilon"))
+            except Exception as exc:  # anything from this one reply is its rejection
+                diag.partition_id = diag.num_examples = diag.train_loss = None
+                diag.train_seconds = diag.dp_epsilon = None
+                diag.malicious = False
+                self._reject(server_round, diag, failure_reason(exc))
                 continue
-            metrics = msg.content.metric_records[METRICS_KEY]
-            diag.partition_id = _int_or_none(metrics.get("partition-id"))
-            diag.num_examples = float(metrics["num-examples"])
-            diag.train_loss = _float_or_none(metrics.get("train-loss"))
-            diag.train_seconds = _float_or_none(metrics.get("train-seconds"))
-            diag.malicious = metrics.get("malicious") == 1
-            diag.dp_epsilon = _float_or_none(metrics.get("dp-epsilon"))
+            finally:
+                del msg  # a rejected reply is freed here, an accepted one once decoded
             decoded.append(diag)
 
         # One pass over the decoded rows: their norms, which are also the finiteness
@@ -295,11 +333,11 @@ class RobustStrategy(FedAvg):
             if i != j:
                 deltas[j].copy_(deltas[i])
         summary.num_accepted = len(accepted)
-        summary.num_rejected = len(replies) - len(accepted)
+        summary.num_rejected = summary.num_replies - len(accepted)
         self.last_round = summary
         if len(accepted) < self.min_accepted_replies:
             summary.aggregation_error = (
-                f"{len(accepted)} of {len(replies)} replies accepted, fewer than "
+                f"{len(accepted)} of {summary.num_replies} replies accepted, fewer than "
                 f"min-accepted-replies {self.min_accepted_replies}; the global model is unchanged"
             )
             log(WARNING, "round %d: %s", server_round, summary.aggregation_error)
@@ -369,6 +407,7 @@ class RobustStrategy(FedAvg):
         return self._buffer[:n]
 
     def _reject(self, server_round: int, diag: NodeDiagnostics, reason: str) -> None:
+        reason = bounded(reason, MAX_REASON_CHARS)
         diag.status, diag.reason = "rejected", reason
         log(
             WARNING, "round %d: rejected reply from node %d: %s", server_round, diag.node_id, reason
@@ -377,25 +416,75 @@ class RobustStrategy(FedAvg):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Example-weighted mean of the evaluation metrics of well-formed replies."""
-        total, loss_sum, acc_sum = 0, 0.0, 0.0
-        for msg in replies:
-            if msg.has_error() or set(msg.content.metric_records.keys()) != {METRICS_KEY}:
-                continue
-            m = msg.content.metric_records[METRICS_KEY]
-            n, loss, acc = m.get("num-examples"), m.get("eval-loss"), m.get("eval-accuracy")
-            if (
-                not isinstance(n, int)
-                or n <= 0
-                or not all(isinstance(v, float) and math.isfinite(v) for v in (loss, acc))
-            ):
-                continue
-            total, loss_sum, acc_sum = total + n, loss_sum + n * loss, acc_sum + n * acc
-        if total == 0:
+        """The median over nodes of the evaluation loss and accuracy of well-formed
+        replies, unweighted; ``None`` when no reply is usable.
+
+        Each reply is checked like a training reply's identity, size and metrics
+        (:func:`~strategies.validation.check_evaluate_reply`: every value finite,
+        accuracy in [0, 1]); a bad one is dropped with a reason. Reported
+        ``num-examples`` never weights anything: one node claiming 2^62 examples
+        cannot set the result, and a node moves a median only within the other
+        nodes' values. Per-node outcomes are in :attr:`last_evaluation`; the
+        returned record has ``eval-loss``, ``eval-accuracy``, ``num-nodes`` and the
+        reported ``num-examples`` summed (a diagnostic).
+        """
+        ledger, self._evaluate_sent = ReplyLedger.of(self._evaluate_sent), []
+        nodes: list[EvaluationNode] = []
+        pending = _take_all(replies)
+        while pending:
+            msg = pending.pop()
+            node = EvaluationNode(node_id=_node_of(msg), status="accepted")
+            nodes.append(node)
+            try:
+                ledger.admit(msg)
+                loss, acc = check_evaluate_reply(msg, max_reply_bytes=self.max_reply_bytes)
+                count = msg.content.metric_records[METRICS_KEY]["num-examples"]
+                node.eval_loss, node.eval_accuracy = loss, acc
+                node.num_examples = int(count)  # type: ignore[arg-type]
+            except Exception as exc:  # anything from this one reply is its rejection
+                node.eval_loss = node.eval_accuracy = node.num_examples = None
+                node.status = "rejected"
+                node.reason = bounded(failure_reason(exc), MAX_REASON_CHARS)
+                log(
+                    WARNING,
+                    "round %d: evaluation reply from node %d dropped: %s",
+                    server_round,
+                    node.node_id,
+                    node.reason,
+                )
+        self.last_evaluation = nodes
+        used = [n for n in nodes if n.status == "accepted"]
+        if not used:
             return None
+        # the rules' coordinate median: for even n, s/2 + s'/2 (no overflow at 1.7e308)
+        values = torch.tensor([[n.eval_loss, n.eval_accuracy] for n in used], dtype=torch.float64)
+        loss, accuracy = coordinate_median(values).tolist()
         return MetricRecord(
-            {"eval-loss": loss_sum / total, "eval-accuracy": acc_sum / total, "num-examples": total}
+            {
+                "eval-loss": loss,
+                "eval-accuracy": accuracy,
+                "num-nodes": len(used),
+                "num-examples": sum(n.num_examples or 0 for n in used),
+            }
         )
+
+
+def _take_all(replies: Iterable[Message]) -> list[Message]:
+    """The replies in order, reversed for popping; a list passed in is emptied so
+    that the caller keeps no reference to them."""
+    pending = list(replies)
+    if isinstance(replies, list):
+        replies.clear()
+    pending.reverse()
+    return pending
+
+
+def _node_of(msg: Message) -> int:
+    """The node id a reply names as its source (0 if it does not say)."""
+    try:
+        return int(msg.metadata.src_node_id)
+    except (TypeError, ValueError):
+        return 0
 
 
 def _update_norm_problem(row: torch.Tensor, norm32: float, limit: float) -> str | None:

@@ -177,9 +177,11 @@ def malformed_message(kind: str, honest_reply: Message, node_id: int = 9) -> Mes
 def configured(strategy: RobustStrategy) -> RobustStrategy:
     class Grid:
         def get_node_ids(self) -> list[int]:
-            return [1, 2, 3, 9]
+            return [1, 2, 3, 8, 9, *range(10, 18)]
 
-    list(strategy.configure_train(1, global_arrays(), ConfigRecord(), Grid()))  # type: ignore[arg-type]
+    sent = strategy.configure_train(1, global_arrays(), ConfigRecord(), Grid())  # type: ignore[arg-type]
+    for msg in sent:  # what the Grid's push does: ids, here the ones instruction() gives
+        msg.metadata.__dict__["_message_id"] = f"m{msg.metadata.dst_node_id}-1"
     return strategy
 
 
@@ -321,6 +323,7 @@ def test_too_few_accepted_replies_leave_the_model_unchanged_and_say_why(
     assert robust.last_round.aggregation_error == (
         "2 of 3 replies accepted, fewer than min-accepted-replies 3; the global model is unchanged"
     )
+    configured(robust)  # the round again: a round's messages are answered once
     new, _ = robust.aggregate_train(1, [honest[0], honest[1], honest[2], bad])
     assert new is not None and robust.last_round.aggregation_error is None
 

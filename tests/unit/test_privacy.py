@@ -320,7 +320,7 @@ def train_message(run: RunConfig, server_round: int) -> Message:
         }
     )
     msg = Message(content=content, dst_node_id=1, message_type=MessageType.TRAIN)
-    msg.metadata.__dict__["_message_id"] = f"m{server_round}"
+    msg.metadata.__dict__["_message_id"] = f"m{server_round}-node1"
     return msg
 
 
@@ -448,8 +448,13 @@ def test_budget_exhaustion_replies_with_an_error_the_strategy_rejects(state) -> 
             return [1, 2]
 
     global_arrays = train_message(run, 2).content["arrays"]
-    list(strategy.configure_train(2, global_arrays, ConfigRecord(), Grid()))
-    accepted = Message(content=ok.content, reply_to=train_message(run, 2))
+    for msg in strategy.configure_train(2, global_arrays, ConfigRecord(), Grid()):
+        # what the Grid's push does: ids (node 1's is the one train_message gives)
+        msg.metadata.__dict__["_message_id"] = f"m2-node{msg.metadata.dst_node_id}"
+    to_node_2 = train_message(run, 2)
+    to_node_2.metadata.__dict__["_message_id"] = "m2-node2"
+    to_node_2.metadata.dst_node_id = 2
+    accepted = Message(content=ok.content, reply_to=to_node_2)
     new, _ = strategy.aggregate_train(2, [accepted, refused])
     assert new is not None
     diag = {d.status: d for d in strategy.last_round.nodes}

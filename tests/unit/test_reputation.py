@@ -23,7 +23,7 @@ from strategies.strategy import (
     RobustStrategy,
     reputation_from_config,
 )
-from tests.unit.test_strategy import FakeGrid, model_arrays, reply
+from tests.unit.test_strategy import FakeGrid, model_arrays, pushed, reply
 
 
 @pytest.fixture(autouse=True)
@@ -176,7 +176,7 @@ def test_distance_to_aggregate_is_the_true_l2_distance() -> None:
     )
     base = model_arrays()
     record = ArrayRecord(OrderedDict((k, Array(v)) for k, v in base.items()))
-    list(strategy.configure_train(1, record, ConfigRecord(), FakeGrid([1, 2, 3])))
+    pushed(strategy.configure_train(1, record, ConfigRecord(), FakeGrid([1, 2, 3])))
     offsets = [0.1, 0.2, 5.0]
     strategy.aggregate_train(1, [reply(i + 1, model_arrays(w)) for i, w in enumerate(offsets)])
     # every coordinate moves by w; the median moves by 0.2; 9 coordinates in all
@@ -201,7 +201,7 @@ def test_a_repeat_offender_is_quarantined_through_the_strategy() -> None:
     rng = np.random.default_rng(0)
     for rnd in range(1, 7):
         record = ArrayRecord(OrderedDict((k, Array(v)) for k, v in model_arrays().items()))
-        sent = strategy.configure_train(rnd, record, ConfigRecord(), grid)
+        sent = pushed(strategy.configure_train(rnd, record, ConfigRecord(), grid))
         nodes = sorted(m.metadata.dst_node_id for m in sent)
         rounds_in[rnd] = nodes
         # honest updates vary from round to round (which honest node is the odd one

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 
 import numpy as np
 import pytest
@@ -66,9 +67,18 @@ class FakeGrid:
         return self.nodes
 
 
+def pushed(messages: Iterable[Message]) -> list[Message]:
+    """What a Grid's push does to the strategy's messages: each gets its id (here the
+    one :func:`instruction` gives the message to its node)."""
+    out = list(messages)
+    for msg in out:
+        msg.metadata.__dict__["_message_id"] = f"m{msg.metadata.dst_node_id}"
+    return out
+
+
 def configured(strategy: RobustStrategy, global_arrays: dict[str, np.ndarray]) -> None:
     record = ArrayRecord(OrderedDict((k, Array(v)) for k, v in global_arrays.items()))
-    list(strategy.configure_train(1, record, ConfigRecord(), FakeGrid([1, 2, 3, 4])))
+    pushed(strategy.configure_train(1, record, ConfigRecord(), FakeGrid([1, 2, 3, 4, 9, 99])))
 
 
 def test_mean_of_deltas_is_applied_to_the_global_model() -> None:
