@@ -34,7 +34,7 @@ from strategies.strategy import (
     pipeline_from_config,
     reputation_from_config,
 )
-from strategies.validation import bounded
+from strategies.validation import MAX_REASON_CHARS, bounded
 from task.datasets import load_dataset
 from task.models import build_model
 from task.training import evaluate, resolve_device
@@ -142,7 +142,7 @@ def _run_one(grid: Grid, cfg: RunConfig, batch_cell: int = -1) -> RunResults:
     try:
         _run(grid, cfg, results, batch_cell)
     except BaseException as exc:
-        reason = f"{type(exc).__name__}: {exc}"
+        reason = bounded(f"{type(exc).__name__}: {exc}", MAX_REASON_CHARS)
         results.write_summary(
             status="failed",
             reason=reason,

@@ -479,7 +479,9 @@ class RunResults:
             if r.get("federated_accuracy") is not None
         ]
         if fed:
-            ax_acc.plot(*zip(*fed, strict=True), "s--", label="clients' local test")
+            ax_acc.plot(
+                *zip(*fed, strict=True), "s--", label="clients' local test (median over nodes)"
+            )
         ax_acc.set(xlabel="round", ylabel="accuracy", ylim=(0, 1), title="Accuracy")
         ax_acc.grid(alpha=0.3)
         ax_acc.legend()
