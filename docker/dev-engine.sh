@@ -5,8 +5,9 @@
 #
 #   docker/dev-engine.sh start    # as root; prints: export DOCKER_HOST=... DOCKER_CONFIG=...
 #   eval "$(docker/dev-engine.sh start)" && docker compose up --build
-#   docker/dev-engine.sh status   # exit 0 when the private engine is up and has the base image
-#   docker/dev-engine.sh stop
+#   docker/dev-engine.sh status   # exit 0 (and the exports) when the engine is up and ready
+#   docker/dev-engine.sh env      # the exports only, whether or not the engine runs
+#   docker/dev-engine.sh stop     # as root; stops the dockerd that `start` started
 #
 # `start` is idempotent (a second call reuses what is there) and, as root:
 #   - installs Debian's engine (`docker.io`) and `debootstrap` with apt-get when they
@@ -40,6 +41,15 @@ log() { echo "dev-engine: $*" >&2; }
 die() { log "$*"; exit 1; }
 
 engine_answers() { docker info >/dev/null 2>&1; }
+
+# the PID in $PIDFILE when that process is still a dockerd (never a reused PID)
+our_dockerd() {
+  local pid
+  [ -f "$PIDFILE" ] || return 1
+  pid=$(cat "$PIDFILE")
+  [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = dockerd ] || return 1
+  echo "$pid"
+}
 
 need_root() {
   [ "$(id -u)" -eq 0 ] || die "needs root (it installs packages and runs dockerd); \
@@ -79,10 +89,14 @@ install_tools() {
 
 start_engine() {
   mkdir -p "$ROOT"
-  if engine_answers; then return; fi
-  if [ -f "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
-    log "dockerd $(cat "$PIDFILE") runs but does not answer; stopping it"
-    kill "$(cat "$PIDFILE")" || true
+  if engine_answers; then
+    log "dockerd already answers at $SOCK; reusing it"
+    return
+  fi
+  local stale
+  if stale=$(our_dockerd); then
+    log "dockerd $stale runs but does not answer; stopping it"
+    kill "$stale" || true
     sleep 2
   fi
   rm -f "$SOCK" "$PIDFILE"
@@ -150,9 +164,18 @@ make_base_image() {
 }
 
 stop_engine() {
-  [ -f "$PIDFILE" ] || return 0
+  if [ ! -f "$PIDFILE" ]; then
+    log "no dockerd started by this script ($PIDFILE missing); nothing to stop"
+    return 0
+  fi
   local pid
-  pid=$(cat "$PIDFILE")
+  if ! pid=$(our_dockerd); then
+    log "the dockerd of $PIDFILE no longer runs; removing the stale PID file"
+    rm -f "$PIDFILE"
+    return 0
+  fi
+  need_root
+  log "stopping dockerd $pid"
   kill "$pid" 2>/dev/null || true
   for _ in $(seq 1 30); do
     kill -0 "$pid" 2>/dev/null || break
@@ -160,6 +183,7 @@ stop_engine() {
   done
   kill -0 "$pid" 2>/dev/null && { log "dockerd $pid outlived 30 s; killing it"; kill -9 "$pid" || true; }
   rm -f "$PIDFILE"
+  log "dockerd stopped (images and build cache stay in $ROOT/data)"
 }
 
 case "${1:-}" in
@@ -176,11 +200,14 @@ case "${1:-}" in
       && docker image inspect "$BASE_IMAGE" >/dev/null 2>&1 \
       && echo "export DOCKER_HOST=$DOCKER_HOST DOCKER_CONFIG=$DOCKER_CONFIG"
     ;;
+  env)
+    echo "export DOCKER_HOST=$DOCKER_HOST DOCKER_CONFIG=$DOCKER_CONFIG"
+    ;;
   stop)
     stop_engine
     ;;
   *)
-    echo "usage: $0 start|status|stop" >&2
+    echo "usage: $0 start|status|env|stop" >&2
     exit 2
     ;;
 esac

@@ -81,9 +81,10 @@ def _exports(stdout: str) -> dict[str, str]:
     return pairs
 
 
-def _engine_answers(env: dict[str, str]) -> bool:
-    """``docker info`` and ``docker compose version`` both succeed with ``env``."""
-    for cmd in (["docker", "info"], ["docker", "compose", "version"]):
+def _engine_answers(env: dict[str, str], compose: bool = True) -> bool:
+    """``docker info`` (and, with ``compose``, ``docker compose version``) succeed with ``env``."""
+    cmds = [["docker", "info"], ["docker", "compose", "version"]][: 2 if compose else 1]
+    for cmd in cmds:
         try:
             res = subprocess.run(cmd, env=env, capture_output=True, timeout=30)
         except (OSError, subprocess.TimeoutExpired):
@@ -91,6 +92,25 @@ def _engine_answers(env: dict[str, str]) -> bool:
         if res.returncode != 0:
             return False
     return True
+
+
+def _dev_engine(command: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``docker/dev-engine.sh COMMAND`` with the caller's environment."""
+    return subprocess.run(
+        ["bash", str(DEV_ENGINE), command],
+        env=dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+NO_DOCKER_REASON = (
+    "needs Docker with Compose v2 for this user (`docker info` and `docker compose "
+    "version` must succeed: install Docker Engine 23+ with the compose plugin and "
+    "add the user to the docker group), or root to start a private engine with "
+    "docker/dev-engine.sh (it installs Debian's docker.io, debootstrap and Compose v2)"
+)
 
 
 def choose_engine() -> tuple[dict[str, str], bool]:
@@ -103,28 +123,33 @@ def choose_engine() -> tuple[dict[str, str], bool]:
     """
     if _engine_answers(dict(os.environ)):
         return {}, False
-    status = subprocess.run(["bash", DEV_ENGINE, "status"], capture_output=True, text=True)
-    if status.returncode == 0 and _engine_answers(dict(os.environ) | _exports(status.stdout)):
-        return _exports(status.stdout), False
+    private = _exports(_dev_engine("env", 60).stdout)
+    if _dev_engine("status", 120).returncode == 0 and _engine_answers(os.environ | private):
+        return private, False
     if os.geteuid() != 0:
-        pytest.skip(
-            "needs Docker with Compose v2 for this user (`docker info` and `docker compose "
-            "version` must succeed: install Docker Engine 23+ with the compose plugin and "
-            "add the user to the docker group), or root to start a private engine with "
-            f"{DEV_ENGINE.relative_to(ROOT)} (it installs Debian's docker.io, debootstrap "
-            f"and Compose v2); running as uid {os.geteuid()}"
-        )
+        pytest.skip(f"{NO_DOCKER_REASON}; running as uid {os.geteuid()}")
     if shutil.which("dockerd") is None and shutil.which("apt-get") is None:
         pytest.skip(
             "no Docker engine and no apt-get to install one: install Docker Engine 23+ "
             "with the compose plugin"
         )
+    # up but not ready (no base image yet): `start` completes it and the engine stays
+    was_running = _engine_answers(os.environ | private, compose=False)
     try:
-        res = _run(["bash", DEV_ENGINE, "start"], dict(os.environ), 1200, "dev-engine.sh start")
+        try:
+            res = _dev_engine("start", 1200)
+        except subprocess.TimeoutExpired:
+            pytest.fail("docker/dev-engine.sh start did not finish within 1200 s")
+        if res.returncode != 0:
+            pytest.fail(
+                f"docker/dev-engine.sh start failed ({res.returncode}); stderr tail:\n"
+                f"{res.stderr[-4000:]}"
+            )
     except BaseException:  # a half-done start may have left dockerd running
-        subprocess.run(["bash", DEV_ENGINE, "stop"], capture_output=True, timeout=120)
+        if not was_running:
+            _dev_engine("stop", 120)
         raise
-    return _exports(res.stdout), True
+    return _exports(res.stdout), not was_running
 
 
 def _tls_handshake(port: int, ca_file: Path, hostname: str) -> str:
@@ -314,17 +339,23 @@ def test_compose_federation_with_a_malicious_node(tmp_path) -> None:
     timings: dict[str, float] = {}
     started = time.monotonic()
     engine, started_here = choose_engine()
+    stop_failure = ""
     try:
         timings["engine start"] = time.monotonic() - started
         runner_exit, wait_text, logs, leftovers = _compose_run(tmp_path, engine, timings)
     finally:
-        if started_here:
-            subprocess.run(
-                ["bash", DEV_ENGINE, "stop"], env=dict(os.environ), capture_output=True, timeout=120
-            )
+        if started_here:  # the engine this test started goes again, also on failure
+            stopped = _dev_engine("stop", 120)
+            if stopped.returncode != 0:
+                stop_failure = f"dev-engine.sh stop failed ({stopped.returncode}): {stopped.stderr}"
         timings["whole test"] = time.monotonic() - started
         print("compose test timings (s):", json.dumps({k: round(v) for k, v in timings.items()}))
 
+    assert not stop_failure, stop_failure
+    if started_here:
+        assert not _engine_answers(dict(os.environ) | engine, compose=False), (
+            "the private engine this test started still answers after dev-engine.sh stop"
+        )
     results = tmp_path / "results"
     log_tail = "\n".join(logs.read_text().splitlines()[-60:]) if logs.exists() else ""
     assert leftovers == {}, f"docker compose down left these behind: {leftovers}"
@@ -374,3 +405,141 @@ def test_compose_federation_with_a_malicious_node(tmp_path) -> None:
     # each replica signed with the key of the partition it claimed
     assert all(ids[d["partition_id"]] == d["node_id"] for d in diags), (ids, diags)
     assert not any("SuperNode authentication is disabled" in line for line in all_logs)
+
+
+# How the engine is chosen (no Docker needed: the engine probes and dev-engine.sh are
+# replaced by fakes that record what was asked).
+
+PRIVATE = {"DOCKER_HOST": "unix:///x/docker.sock", "DOCKER_CONFIG": "/x/cli-config"}
+EXPORT_LINE = "export DOCKER_HOST=unix:///x/docker.sock DOCKER_CONFIG=/x/cli-config\n"
+
+
+class FakeDevEngine:
+    """Stands in for ``_dev_engine``: ``status`` and ``start`` answer as told."""
+
+    def __init__(self, status_rc: int = 1, start_rc: int = 0) -> None:
+        self.calls: list[str] = []
+        self.rc = {"env": 0, "status": status_rc, "start": start_rc, "stop": 0}
+
+    def __call__(self, command: str, timeout: float) -> subprocess.CompletedProcess[str]:
+        self.calls.append(command)
+        rc = self.rc[command]
+        out = EXPORT_LINE if rc == 0 and command in ("env", "status", "start") else ""
+        return subprocess.CompletedProcess(["bash", command], rc, out, "dev-engine: failed")
+
+
+def _fake_engines(
+    monkeypatch: pytest.MonkeyPatch, host: bool, private_up: bool, private_ready: bool
+) -> None:
+    """The host's engine answers when ``host``; the private one is up / fully ready."""
+
+    def answers(env: dict[str, str], compose: bool = True) -> bool:
+        if env.get("DOCKER_HOST") == PRIVATE["DOCKER_HOST"]:
+            return private_ready or (private_up and not compose)
+        return host
+
+    monkeypatch.setitem(globals(), "_engine_answers", answers)
+
+
+def test_the_hosts_docker_is_used_when_it_answers(monkeypatch) -> None:
+    fake = FakeDevEngine()
+    monkeypatch.setitem(globals(), "_dev_engine", fake)
+    _fake_engines(monkeypatch, host=True, private_up=False, private_ready=False)
+    assert choose_engine() == ({}, False)
+    assert fake.calls == []
+
+
+def test_without_docker_and_without_root_it_skips_saying_what_to_install(monkeypatch) -> None:
+    fake = FakeDevEngine()
+    monkeypatch.setitem(globals(), "_dev_engine", fake)
+    _fake_engines(monkeypatch, host=False, private_up=False, private_ready=False)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        choose_engine()
+    reason = str(skipped.value)
+    for needed in ("Docker Engine", "compose plugin", "docker group", "root"):
+        assert needed in reason, reason
+    assert "docker/dev-engine.sh" in reason and "uid 1000" in reason, reason
+    assert "start" not in fake.calls
+
+
+def test_as_root_it_starts_the_repositorys_engine_and_stops_it_after(monkeypatch) -> None:
+    fake = FakeDevEngine()
+    monkeypatch.setitem(globals(), "_dev_engine", fake)
+    _fake_engines(monkeypatch, host=False, private_up=False, private_ready=False)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    assert choose_engine() == (PRIVATE, True)
+    assert fake.calls == ["env", "status", "start"]
+
+
+def test_a_running_private_engine_is_reused_and_left_running(monkeypatch) -> None:
+    fake = FakeDevEngine(status_rc=0)
+    monkeypatch.setitem(globals(), "_dev_engine", fake)
+    _fake_engines(monkeypatch, host=False, private_up=True, private_ready=True)
+    assert choose_engine() == (PRIVATE, False)
+    # up but without the base image: `start` completes it, the test does not stop it
+    fake = FakeDevEngine(status_rc=1)
+    monkeypatch.setitem(globals(), "_dev_engine", fake)
+    _fake_engines(monkeypatch, host=False, private_up=True, private_ready=False)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    assert choose_engine() == (PRIVATE, False)
+    assert fake.calls == ["env", "status", "start"]
+
+
+def test_a_failed_start_fails_the_test_and_stops_the_half_started_engine(monkeypatch) -> None:
+    fake = FakeDevEngine(start_rc=1)
+    monkeypatch.setitem(globals(), "_dev_engine", fake)
+    _fake_engines(monkeypatch, host=False, private_up=False, private_ready=False)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    with pytest.raises(pytest.fail.Exception, match=r"dev-engine\.sh start failed"):
+        choose_engine()
+    assert fake.calls == ["env", "status", "start", "stop"]
+
+
+def test_dev_engine_prints_the_exports_and_never_kills_a_reused_pid(tmp_path) -> None:
+    env = dict(os.environ, BASTION_DOCKER_ROOT=str(tmp_path))
+
+    def dev_engine(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["bash", str(DEV_ENGINE), *args], env=env, capture_output=True, text=True, timeout=60
+        )
+
+    assert _exports(dev_engine("env").stdout) == {
+        "DOCKER_HOST": f"unix://{tmp_path}/docker.sock",
+        "DOCKER_CONFIG": f"{tmp_path}/cli-config",
+    }
+    usage = dev_engine()
+    assert usage.returncode == 2 and "usage:" in usage.stderr
+    nothing = dev_engine("stop")
+    assert nothing.returncode == 0 and "nothing to stop" in nothing.stderr
+    # a PID file whose process is no dockerd (a PID reused since): left alone
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        (tmp_path / "dockerd.pid").write_text(str(other.pid))
+        stale = dev_engine("stop")
+        assert stale.returncode == 0, stale.stderr
+        assert "stale PID file" in stale.stderr
+        assert other.poll() is None, "dev-engine.sh stop killed a process that is not its dockerd"
+        assert not (tmp_path / "dockerd.pid").exists()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_the_repository_refers_to_nothing_beside_it() -> None:
+    """No tracked file names a folder outside the clone (such as a sibling ``shared``)."""
+    if not (ROOT / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("needs a git clone and git (lists the tracked files)")
+    listed = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split("\0")
+    outside = re.compile(r"\.\./shared|shared" + r"/ci/")
+    found = []
+    for name in filter(None, listed):
+        path = ROOT / name
+        if path.is_file():
+            text = path.read_bytes().decode(errors="replace")
+            found += [f"{name}: {m.group(0)}" for m in outside.finditer(text)]
+    assert found == [], found

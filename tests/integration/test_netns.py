@@ -19,7 +19,9 @@ missing. As root with iproute2 it must run: if the kernel refuses the namespaces
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -212,3 +214,19 @@ def test_cut_link_round_times_out_without_the_node_and_it_rejoins(tmp_path, bast
     # activated again) is accepted again in a later round.
     assert any(cut_id in accepted[rnd] for rnd in range(3, ROUNDS + 1)), story
     assert link_log.count(ACTIVATED) == NUM_NODES
+
+
+def test_without_root_or_iproute2_it_skips_naming_what_is_needed(
+    monkeypatch, tmp_path, bastion_env
+) -> None:
+    """Not root, or no ``ip``/``ss``: a skip whose reason says what to get, never a failure."""
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/sbin/{name}")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        test_cut_link_round_times_out_without_the_node_and_it_rejoins(tmp_path, bastion_env)
+    assert "need root" in str(skipped.value) and "uid 1000" in str(skipped.value)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        test_cut_link_round_times_out_without_the_node_and_it_rejoins(tmp_path, bastion_env)
+    assert "ip and ss not found: install iproute2" in str(skipped.value)
