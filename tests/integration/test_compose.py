@@ -12,7 +12,8 @@ either (not root and no usable Docker) the test is skipped with a reason that sa
 what to install. The images are built with ``docker compose build`` from
 ``docker/wheelhouse/``, which ``docker/fill-wheelhouse.sh`` fills with the local CPU
 torch wheel. Everything the test creates in the engine (containers, volumes,
-network) is removed at the end, also on failure.
+network) is removed at the end, also on failure. The fast tests at the end pin the
+engine choice, the skip reason and ``dev-engine.sh``'s contract without Docker.
 """
 
 from __future__ import annotations
