@@ -20,10 +20,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, get_args
 
-from bastion.config import ConfigError, RunConfig, format_overrides, parse_overrides
 from bastion.console import RoundPrinter, WallClock, final_table, plural, resume_command
 from bastion.federation import LocalFederation, ProcessStartError, failure_cause
-from bastion.runlog import read_new_rows
+from common.config import ConfigError, RunConfig, format_overrides, parse_overrides
+from common.runlog import read_new_rows
 
 
 def find_app_dir(explicit: str | None = None) -> Path:
@@ -164,7 +164,7 @@ def _effective_byzantine(cfg: RunConfig, replies: int) -> list[tuple[str, int, i
 
 
 def _fresh_run_dir(cfg: dict[str, Any]) -> Path:
-    from server.results import default_run_dir
+    from common.rundir import default_run_dir
 
     return default_run_dir("runs", str(cfg.get("dataset", "run")))
 
@@ -259,7 +259,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.resume:
-        from server.results import load_latest_checkpoint, rewind_run_dir
+        from common.rundir import load_latest_checkpoint, rewind_run_dir
 
         if (ckpt := load_latest_checkpoint(run_dir)) is not None:
             # what the ServerApp does first (idempotent): progress below starts from here
@@ -317,7 +317,7 @@ def _report_outcome(
     clock: WallClock,
 ) -> int:
     """Write this attempt's outcome into ``summary.json`` and tell the console."""
-    from server.results import checkpoint_paths, record_outcome
+    from common.rundir import checkpoint_paths, record_outcome
 
     wall = round(clock.seconds(), 1)
     if failure is None:  # the run ended by itself: the ServerApp's summary says how
@@ -404,13 +404,13 @@ def resume_problem(args: argparse.Namespace, cfg: RunConfig) -> str | None:
 
     What the ServerApp checks, before any process starts: an output folder to continue,
     a checkpoint there that reads back (none: the run starts at round 1), and a run
-    config that matches the checkpoint's (:func:`server.results.check_resume_config`).
+    config that matches the checkpoint's (:func:`common.rundir.check_resume_config`).
     """
     if not cfg.resume:
         return None
     if not args.output_dir:
         return "--resume (key 'resume') needs --output-dir: the folder of the run to continue"
-    from server.results import CheckpointError, check_resume_config, load_latest_checkpoint
+    from common.rundir import CheckpointError, check_resume_config, load_latest_checkpoint
 
     try:
         ckpt = load_latest_checkpoint(cfg.output_dir)
@@ -596,7 +596,7 @@ def _grid_runner(backend: str, app_dir: Path, cell_timeout: float) -> Any:
         def run_batch(
             batch_file: Path, batch_dir: Path, clients: int, on_cell: Callable[[dict], None]
         ) -> int:
-            from bastion.batch import load_batch
+            from common.batch import load_batch
 
             cells = load_batch(batch_file)
             colluders = max(

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from bastion.runlog import read_new_rows
+from common.runlog import read_new_rows
 
 
 def _fmt(value: Any, spec: str) -> str:

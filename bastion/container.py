@@ -34,7 +34,7 @@
 Partition ids. Compose has no loops, so each SuperNode kind is one service scaled
 by ``deploy.replicas``. With ``N = BASTION_HONEST + BASTION_MALICIOUS +
 BASTION_EXTERNAL_NODES`` partitions, the malicious partitions are the ones
-``bastion run --malicious`` would pick (:func:`client.malicious.malicious_partitions`
+``bastion run --malicious`` would pick (:func:`attacks.selection.malicious_partitions`
 with ``BASTION_SEED``) among the first ``HONEST + MALICIOUS``; the other ones of
 those belong to honest nodes, and ``HONEST + MALICIOUS .. N-1`` are left for
 SuperNodes outside compose (edge devices). A replica takes the first partition
@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from bastion import security
-from bastion.config import ConfigError, NodeConfig, format_overrides, parse_overrides
+from common.config import ConfigError, NodeConfig, format_overrides, parse_overrides
 
 FLEET_PORT = 9092
 CONTROL_PORT = 9093
@@ -152,7 +152,7 @@ class Layout:
 
     def malicious_ids(self) -> tuple[int, ...]:
         """Partitions of the malicious SuperNodes: ``bastion run --malicious``'s seeded rule."""
-        from client.malicious import malicious_partitions
+        from attacks.selection import malicious_partitions
 
         return malicious_partitions(self.in_compose, self.malicious, self.seed)
 
@@ -559,7 +559,7 @@ def runner_run_config(
     first, then any key from ``BASTION_RUN_CONFIG``; the first round waits for
     all ``num-partitions`` SuperNodes. ``output-dir`` is the runner's.
     """
-    from bastion.config import RunConfig
+    from common.config import RunConfig
 
     overrides: dict[str, Any] = {
         "num-server-rounds": env_int(env, "BASTION_ROUNDS", 3, minimum=1),
@@ -647,10 +647,10 @@ def _stream(
 def cmd_run(env: Mapping[str, str]) -> int:
     """The ``runner`` service: submit the app, wait for it, check its summary."""
     from bastion.cli import app_defaults, check_rule_fits
-    from bastion.config import RunConfig
     from bastion.console import final_table, plural
-    from bastion.runlog import read_jsonl
-    from server.results import record_outcome
+    from common.config import RunConfig
+    from common.rundir import record_outcome
+    from common.runlog import read_jsonl
 
     layout = Layout.from_env(env)
     tls = not insecure_mode(env)

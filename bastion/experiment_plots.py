@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from bastion.experiments import Cell, Sweep, cell_row, defence
-from bastion.figures import save_figure
-from bastion.runlog import read_jsonl
+from common.figures import save_figure
+from common.runlog import read_jsonl
 
 PANEL_KEYS = ("partitioner", "attack")
 

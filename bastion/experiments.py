@@ -44,14 +44,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bastion.batch import write_batch
-from bastion.config import ConfigError, RunConfig
-from bastion.runlog import read_jsonl
+from common.batch import write_batch
+from common.config import ConfigError, RunConfig
+from common.runlog import read_jsonl
 
 # run(cell overrides, output dir, number of clients) -> process exit code
 CellRunner = Callable[[dict[str, Any], Path, int], int]
 # run(batch file, batch dir, number of clients, called with each finished cell's row)
-#   -> exit code; see bastion.batch
+#   -> exit code; see common.batch
 BatchRunner = Callable[[Path, Path, int, Callable[[dict[str, Any]], None]], int]
 
 
@@ -198,7 +198,7 @@ def run_grid(
     """Run every cell not yet done (in order), with a progress line per cell and an ETA.
 
     With ``batch_runner``, up to ``cells_per_batch`` cells share one Flower run
-    (:mod:`bastion.batch`); otherwise ``runner`` runs each cell on its own.
+    (:mod:`common.batch`); otherwise ``runner`` runs each cell on its own.
     Returns ``(cell, directory, completed)`` for every cell.
     """
     cells_dir = out / "cells"

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import IO
 
 from bastion import security
-from bastion.config import format_overrides
+from common.config import format_overrides
 
 log = logging.getLogger(__name__)
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bastion.config import ConfigError
+from common.config import ConfigError
 
 log = logging.getLogger(__name__)
 

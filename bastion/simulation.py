@@ -46,7 +46,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from bastion.config import format_overrides
 from bastion.federation import (
     flower_bin,
     free_port,
@@ -56,7 +55,8 @@ from bastion.federation import (
     wait_for_port,
     with_interpreter_on_path,
 )
-from bastion.runlog import read_new_rows
+from common.config import format_overrides
+from common.runlog import read_new_rows
 
 __all__ = [
     "RAY_MISSING_MESSAGE",
@@ -366,7 +366,7 @@ def run_simulation(
         if given:
             output_dir = Path(given)
         else:
-            from server.results import default_run_dir
+            from common.rundir import default_run_dir
 
             output_dir = default_run_dir("runs", str(overrides.get("dataset", "run")))
     output_dir = Path(output_dir).resolve()

@@ -69,7 +69,7 @@ if str(ROOT) not in sys.path:
 
 DP_MODES = ("hooks", "ew", "functorch", "ghost")
 MODES = ("plain", *DP_MODES)
-SGD = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0}  # bastion.config defaults
+SGD = {"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0}  # common.config defaults
 DP = {"noise_multiplier": 1.0, "max_grad_norm": 1.0}
 TARGET = 2.0  # DP-SGD at most 2x plain SGD in samples/s
 MIN_REPS = 3  # repetitions run even past --max-group-s

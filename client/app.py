@@ -28,11 +28,11 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from bastion.config import NodeConfig, RunConfig, TrainInstructions
-from client.attacks import label_flip
+from attacks.byzantine import label_flip
 from client.malformed import fuzzed_node_reply, malformed_node_reply
 from client.malicious import AttackPlan, apply_attack, resolve_plan
 from client.privacy import PrivateRound, budget_error_reply, resolve_dp
+from common.config import NodeConfig, RunConfig, TrainInstructions
 from task.datasets import ArrayDataset, num_classes
 from task.federated import ClientData, PartitionSpec, load_client_data, training_set
 from task.models import build_model
@@ -46,8 +46,8 @@ def _setup(context: Context, msg: Message) -> tuple[RunConfig, NodeConfig]:
     run = RunConfig.from_flat(context.run_config)
     cell = msg.content.config_records.get("config", {}).get("batch-cell", -1)
     if run.batch_file and isinstance(cell, int) and cell >= 0:
-        # one cell of a batch run: its own run config (see bastion.batch)
-        from bastion.batch import cell_run_config
+        # one cell of a batch run: its own run config (see common.batch)
+        from common.batch import cell_run_config
 
         run = RunConfig.from_flat(cell_run_config(context.run_config, run.batch_file, cell))
     node = NodeConfig.from_flat(context.node_config, source="node config")

@@ -41,7 +41,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common import log
 
-from bastion.config import ConfigError
+from common.config import ConfigError
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"

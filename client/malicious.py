@@ -26,7 +26,6 @@ strategy never reads it (only the diagnostics record it).
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,27 +33,12 @@ from typing import Any
 
 import torch
 
-from bastion.config import ConfigError, NodeConfig, RunConfig
-from client.attacks import alie_z_max, build_attack
+from attacks.byzantine import alie_z_max, build_attack
+from attacks.selection import malicious_partitions
 from client.collusion import SharedDirectory
+from common.config import ConfigError, NodeConfig, RunConfig
 
 UPDATE_ATTACKS = ("ipm", "alie", "sign-flip", "gaussian", "mimic", "scaling")
-
-
-def malicious_partitions(num_partitions: int, num_malicious: int, seed: int) -> tuple[int, ...]:
-    """The partition ids the ``num-malicious`` rule makes malicious, sorted.
-
-    A seeded uniform sample (Python's ``random.Random(seed).sample``), the same on
-    every node and in the server, so it is deterministic per run seed and, under
-    label-sorted partitioning, does not hand the attackers one block of classes.
-    """
-    if not 0 <= num_malicious <= num_partitions:
-        raise ConfigError(
-            f"run config key 'num-malicious': value {num_malicious} is not allowed; "
-            f"allowed: 0..{num_partitions} (the number of partitions)"
-        )
-    rng = random.Random(f"bastion-malicious-{seed}")
-    return tuple(sorted(rng.sample(range(num_partitions), num_malicious)))
 
 
 @dataclass(frozen=True)
@@ -128,7 +112,7 @@ def attack_params(
 ) -> dict[str, Any]:
     """``build_attack``'s parameters for ``attack`` from the config keys ``attack-*``.
 
-    ``value(field)`` reads a :class:`~bastion.config.RunConfig` field (node config
+    ``value(field)`` reads a :class:`~common.config.RunConfig` field (node config
     over run config for a deployed node). ``attack-z = 0`` (the default) means
     Baruch et al.'s z_max for ``num_clients`` and ``num_byzantine``. Gaussian's seed
     is per round and added by the caller.

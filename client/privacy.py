@@ -55,7 +55,7 @@ import torch
 from flwr.app import Error, Message
 from flwr.common import log
 
-from bastion.config import ConfigError, NodeConfig, RunConfig, TrainInstructions
+from common.config import ConfigError, NodeConfig, RunConfig, TrainInstructions
 from task.datasets import ArrayDataset
 from task.training import DPTrainResult, dp_num_steps, dp_sample_rate, train_local_dp
 

@@ -24,10 +24,10 @@ from flwr.common import Error, log
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
-from bastion.config import RunConfig
+from common.config import RunConfig
+from common.rundir import RunResults, default_run_dir, restore_rng_state, rng_state
 from server.omniscient import OmniscientAdversary
 from server.reputation_report import reputation_summary, write_reputation_report
-from server.results import RunResults, default_run_dir, restore_rng_state, rng_state
 from strategies.strategy import (
     NodeDiagnostics,
     RobustStrategy,
@@ -190,12 +190,12 @@ def run_description(cfg: RunConfig) -> dict[str, object]:
 
 
 def _run_batch(grid: Grid, run_config: dict[str, object], cfg: RunConfig) -> None:
-    """Every cell of ``batch-file`` as a run of its own (see :mod:`bastion.batch`).
+    """Every cell of ``batch-file`` as a run of its own (see :mod:`common.batch`).
 
     A failing cell is recorded in its own summary and the batch goes on; the batch's
     ``output-dir`` gets one ``metrics.jsonl`` row per finished cell and a summary.
     """
-    from bastion.batch import cell_run_config, load_batch
+    from common.batch import cell_run_config, load_batch
 
     cells = load_batch(cfg.batch_file)
     batch = RunResults(Path(cfg.output_dir or "runs/batch"), cfg.to_flat())

@@ -20,9 +20,9 @@ import torch
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 
-from bastion.config import RunConfig
-from client.attacks import build_attack
+from attacks.byzantine import build_attack
 from client.malicious import attack_params
+from common.config import RunConfig
 from strategies.layout import ModelLayout
 from strategies.validation import METRICS_KEY, check_train_reply
 

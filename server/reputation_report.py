@@ -1,7 +1,7 @@
 """The reputation part of a run directory: ``reputation.json`` and ``reputation.png``.
 
 Both are built from ``diagnostics.jsonl`` (one row per node per round, with the
-node's ``suspicion`` after the round, see :mod:`strategies.reputation`), so they
+node's ``suspicion`` after the round, see :mod:`strategies.rules.reputation`), so they
 can be redrawn for any finished or interrupted run.
 
 ``reputation.json``
@@ -22,8 +22,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from bastion.figures import run_title, save_figure
-from bastion.runlog import read_jsonl
+from common.figures import run_title, save_figure
+from common.runlog import read_jsonl
 
 
 def node_standings(rows: Iterable[Mapping[str, Any]]) -> dict[int, dict[str, Any]]:

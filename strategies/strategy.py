@@ -11,7 +11,7 @@ sampling and message construction and replaces everything on the reply side:
    of *deltas* from the current global model (differences of nearby numbers are
    exact in floating point, full weights are not); a row with a non-finite value
    or an L2 norm above ``max-update-norm`` is dropped too;
-3. a :class:`~strategies.registry.Pipeline` (pre-aggregation steps such as
+3. a :class:`~strategies.rules.registry.Pipeline` (pre-aggregation steps such as
    clipping or s-resampling, then a robust rule such as Krum) maps the deltas
    to one delta (``(n, d) -> (d,)``); client-reported ``num-examples`` never
    weights anything (nor in federated evaluation: the median over nodes);
@@ -42,10 +42,10 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from strategies._kernels import coordinate_median, norm64
 from strategies.layout import ModelLayout
-from strategies.registry import Pipeline, build_aggregator, build_preaggregator, compose
-from strategies.reputation import Reputation, ReputationConfig
+from strategies.rules._kernels import coordinate_median, norm64
+from strategies.rules.registry import Pipeline, build_aggregator, build_preaggregator, compose
+from strategies.rules.reputation import Reputation, ReputationConfig
 from strategies.validation import (
     DEFAULT_MAX_REPLY_BYTES,
     DEFAULT_MAX_UPDATE_NORM,
@@ -88,7 +88,7 @@ class NodeDiagnostics:
     # rejected because nothing came back (round timeout, or the SuperLink reported the
     # node offline), as opposed to what the node sent
     no_reply: bool = False
-    # the node's suspicion score after this round (strategies.reputation)
+    # the node's suspicion score after this round (strategies.rules.reputation)
     suspicion: float | None = None
 
     def to_json(self) -> dict[str, object]:
@@ -555,7 +555,7 @@ def _int_or_none(value: object) -> int | None:
 
 
 def reputation_from_config(cfg: Any) -> Reputation:
-    """A :class:`~strategies.reputation.Reputation` from a :class:`bastion.config.RunConfig`
+    """A :class:`~strategies.rules.reputation.Reputation` from a :class:`common.config.RunConfig`
     (``quarantine-max = -1`` caps quarantine at ``num-byzantine``, none when that is 0)."""
     cap = cfg.quarantine_max
     if cap < 0:
@@ -575,7 +575,7 @@ def reputation_from_config(cfg: Any) -> Reputation:
 
 
 def pipeline_from_config(cfg: Any) -> Pipeline:
-    """Build the pre-aggregation steps and the rule from a :class:`bastion.config.RunConfig`.
+    """Build the pre-aggregation steps and the rule from a :class:`common.config.RunConfig`.
 
     Step order: ``clip`` (``clip-norm`` > 0), ``nnm`` (``nnm = true``), then
     ``bucket`` (``bucketing-s`` > 0) or ``resample`` (``resampling-s`` > 0).

@@ -58,7 +58,7 @@ ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
 MAX_NUM_EXAMPLES = 10**9
 NUMPY_STYPE = "numpy.ndarray"
-# defaults of the run-config keys max-reply-bytes and max-update-norm (bastion.config)
+# defaults of the run-config keys max-reply-bytes and max-update-norm (common.config)
 DEFAULT_MAX_REPLY_BYTES = 256 * 2**20
 DEFAULT_MAX_UPDATE_NORM = 1e6
 

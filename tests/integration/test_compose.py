@@ -35,10 +35,10 @@ from pathlib import Path
 
 import pytest
 
+from attacks.selection import malicious_partitions
 from bastion import security
 from bastion.federation import flower_bin, free_port
-from bastion.runlog import read_jsonl
-from client.malicious import malicious_partitions
+from common.runlog import read_jsonl
 
 pytestmark = pytest.mark.integration
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from bastion.runlog import read_jsonl
+from common.runlog import read_jsonl
 from tests.integration.conftest import ROOT, tagged_processes
 from tests.integration.netns import (
     NetnsFederation,

@@ -14,7 +14,7 @@ import json
 
 import pytest
 
-from bastion.runlog import read_jsonl
+from common.runlog import read_jsonl
 from tests.integration.conftest import run_local_federation
 
 pytestmark = pytest.mark.integration

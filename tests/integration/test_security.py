@@ -26,7 +26,7 @@ import pytest
 
 from bastion import security
 from bastion.federation import LocalFederation, flower_bin
-from bastion.runlog import read_jsonl
+from common.runlog import read_jsonl
 from tests.integration.conftest import ROOT, tagged_processes
 
 pytestmark = pytest.mark.integration

@@ -12,8 +12,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from strategies import _kernels as K
-from strategies.registry import build_aggregator, build_preaggregator
+from strategies.rules import _kernels as K
+from strategies.rules.registry import build_aggregator, build_preaggregator
 
 SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

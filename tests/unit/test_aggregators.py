@@ -1,5 +1,5 @@
 """Hand-computed cases, precondition errors and the registry for the robust
-aggregation rules in ``strategies/aggregators.py`` and ``strategies/registry.py``.
+aggregation rules in ``strategies/rules/aggregators.py`` and ``strategies/rules/registry.py``.
 
 Every expected number below is worked out by hand (shown in the comments) or by
 an independent float64 brute force written in this file.
@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from strategies import _kernels as K
-from strategies.aggregators import AggregationOutput
-from strategies.registry import (
+from strategies.rules import _kernels as K
+from strategies.rules.aggregators import AggregationOutput
+from strategies.rules.registry import (
     AGGREGATORS,
     PREAGGREGATORS,
     build_aggregator,
@@ -415,7 +415,7 @@ def test_registry_names_are_the_ones_the_run_config_accepts():
     # through must build, and every rule the registry has must be reachable.
     from typing import get_args
 
-    from bastion.config import AggregatorName
+    from common.config import AggregatorName
 
     assert get_args(AggregatorName) == AGGREGATORS
     assert len(set(AGGREGATORS)) == 8

@@ -1,5 +1,5 @@
 """Hand-computed cases, precondition errors and the registry for the Byzantine
-update attacks and label flipping in ``client/attacks.py``.
+update attacks and label flipping in ``attacks/byzantine.py``.
 
 Every expected number is worked out by hand in the comments (or, for the
 normal quantiles, checked against an independent ``math.erf`` CDF).
@@ -16,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.attacks import (
+from attacks.byzantine import (
     ATTACK_PARAMS,
     ATTACKS,
     Attack,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bastion.config import (
+from common.config import (
     ConfigError,
     NodeConfig,
     RunConfig,

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from bastion import cli, console
-from bastion.config import ConfigError, RunConfig
 from bastion.federation import ProcessStartError, failure_cause, with_interpreter_on_path
-from server.results import record_outcome
+from common.config import ConfigError, RunConfig
+from common.rundir import record_outcome
 
 ROOT = Path(__file__).resolve().parents[2]
 ROW = {"round": 2, "central_accuracy": 0.9, "central_loss": 0.3, "num_accepted": 4}

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from attacks.selection import malicious_partitions
 from bastion import container as c
-from bastion.config import ConfigError, NodeConfig, RunConfig, parse_overrides
-from client.malicious import malicious_partitions
+from common.config import ConfigError, NodeConfig, RunConfig, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 

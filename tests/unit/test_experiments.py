@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from bastion.config import ConfigError
 from bastion.experiment_plots import plot_grid
 from bastion.experiments import cell_done, load_grid, run_grid, write_tables
+from common.config import ConfigError
 
 GRID = """
 [grid]
@@ -146,7 +146,7 @@ def test_grid_resumes_and_reports(tmp_path: Path) -> None:
 
 
 def test_batched_grid_runs_each_cell_once_and_reports_each(tmp_path: Path) -> None:
-    from bastion.batch import load_batch
+    from common.batch import load_batch
 
     grid = load_grid(write(tmp_path))
     out = tmp_path / "out"

@@ -30,7 +30,6 @@ from flwr.app import (
 from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
-from bastion.config import ConfigError, RunConfig
 from client.app import train as client_train
 from client.malformed import (
     KIND_NAMES,
@@ -40,6 +39,7 @@ from client.malformed import (
     malformed_reply,
     parse_kinds,
 )
+from common.config import ConfigError, RunConfig
 from strategies.layout import ModelLayout
 from strategies.strategy import RobustStrategy
 from strategies.validation import (

@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from bastion.config import ConfigError, NodeConfig, RunConfig
+from attacks.selection import malicious_partitions
 from client.collusion import SharedDirectory
 from client.malicious import (
     AttackPlan,
     apply_attack,
     craft_update,
-    malicious_partitions,
     resolve_plan,
 )
+from common.config import ConfigError, NodeConfig, RunConfig
 
 
 def node(pid: int = 0, n: int = 10, **extra: object) -> NodeConfig:

@@ -9,7 +9,7 @@ import pytest
 from flwr.app import Array, ArrayRecord
 from flwr.superlink.grid import InMemoryGrid
 
-from bastion.config import RunConfig
+from common.config import RunConfig
 from server.omniscient import OmniscientAdversary, OmniscientRefused, running_in_simulation
 from tests.unit.test_strategy import FakeGrid, _task_identity, model_arrays, reply  # noqa: F401
 

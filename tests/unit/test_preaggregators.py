@@ -1,5 +1,5 @@
-"""Pre-aggregation steps (``strategies/preaggregators.py``) and their
-composition (``strategies.registry.Pipeline``): hand-computed cases, the
+"""Pre-aggregation steps (``strategies/rules/preaggregators.py``) and their
+composition (``strategies.rules.registry.Pipeline``): hand-computed cases, the
 Byzantine-count rules, mixing matrices, seeding and checkpointing."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from strategies.preaggregators import PreAggregationOutput
-from strategies.registry import build_aggregator, build_preaggregator, compose
+from strategies.rules.preaggregators import PreAggregationOutput
+from strategies.rules.registry import build_aggregator, build_preaggregator, compose
 
 
 def t(rows) -> torch.Tensor:

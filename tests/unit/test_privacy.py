@@ -17,7 +17,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from bastion.config import ConfigError, NodeConfig, RunConfig, TrainInstructions
 from client.app import _client_data, _training_set
 from client.app import train as client_train
 from client.privacy import (
@@ -30,6 +29,7 @@ from client.privacy import (
     resolve_dp,
     state_dir,
 )
+from common.config import ConfigError, NodeConfig, RunConfig, TrainInstructions
 from strategies.strategy import RobustStrategy
 from task.datasets import ArrayDataset
 from task.models import MODELS, build_model

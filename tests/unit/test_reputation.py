@@ -1,4 +1,4 @@
-"""Suspicion scores, quarantine and the reputation report (strategies.reputation)."""
+"""Suspicion scores, quarantine and the reputation report (strategies.rules.reputation)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.supercore.task_identity import TaskIdentity
 
-from bastion.config import ConfigError, RunConfig
+from common.config import ConfigError, RunConfig
 from server.reputation_report import (
     node_standings,
     reputation_summary,
     write_reputation_report,
 )
 from strategies import build_aggregator, compose
-from strategies.reputation import Reputation, ReputationConfig
+from strategies.rules.reputation import Reputation, ReputationConfig
 from strategies.strategy import (
     NodeDiagnostics,
     RobustStrategy,

@@ -8,7 +8,7 @@ import math
 import torch
 
 from bastion.console import final_table, progress_line, rejection_reasons
-from server.results import RunResults
+from common.rundir import RunResults
 
 
 def test_rounds_summary_checkpoint_and_plot(tmp_path) -> None:
@@ -75,7 +75,7 @@ def test_progress_and_table_show_the_round_numbers() -> None:
 
 def test_rule_that_cannot_run_on_the_client_count_is_reported_up_front() -> None:
     from bastion.cli import check_rule_fits
-    from bastion.config import RunConfig
+    from common.config import RunConfig
 
     # s-resampling multiplies f by s: Krum then needs n >= 2 * (2 * 2) + 3 = 11.
     cfg = RunConfig(aggregator="krum", num_byzantine=2, resampling_s=2)

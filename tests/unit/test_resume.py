@@ -20,8 +20,8 @@ import torch
 from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from bastion.config import ConfigError, RunConfig
-from server.results import (
+from common.config import ConfigError, RunConfig
+from common.rundir import (
     RESUME_MAY_CHANGE,
     CheckpointError,
     RunResults,
@@ -30,7 +30,7 @@ from server.results import (
     restore_rng_state,
     rng_state,
 )
-from strategies.reputation import Reputation
+from strategies.rules.reputation import Reputation
 from strategies.strategy import RobustStrategy
 
 

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from bastion import security as s
 from bastion.cli import main as bastion_main
-from bastion.config import ConfigError
+from common.config import ConfigError
 
 
 def _cert(path: Path) -> x509.Certificate:

@@ -20,7 +20,7 @@ from flwr.app import (
 )
 from flwr.supercore.task_identity import TaskIdentity
 
-from bastion.config import RunConfig
+from common.config import RunConfig
 from strategies import build_aggregator, compose
 from strategies.layout import ModelLayout, npy_array
 from strategies.strategy import RobustStrategy, pipeline_from_config

@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bastion.config import ConfigError
+from common.config import ConfigError
 
 
 def write_batch(path: Path, cells: Sequence[Mapping[str, Any]]) -> None:

@@ -164,10 +164,10 @@ class RunConfig(_FlatModel):
     # > 0: evaluate rounds before the last on a fixed random subset of this many test
     # samples (the last round always uses the whole test set); 0: always all of it
     central_eval_samples: int = Field(0, ge=0)
-    # several runs in one Flower run (bastion.batch; used by the experiment grid)
+    # several runs in one Flower run (common.batch; used by the experiment grid)
     batch_file: str = ""
     # Malicious clients (docs/ROBUSTNESS.md). num-malicious picks partitions by a
-    # seeded rule (client.malicious.malicious_partitions); node configs with
+    # seeded rule (attacks.selection.malicious_partitions); node configs with
     # role="malicious" are the other way to make a node an attacker.
     num_malicious: int = Field(0, ge=0, le=100_000)
     attack: AttackName = "none"
@@ -197,7 +197,7 @@ class RunConfig(_FlatModel):
     # per-sample gradients) was the fastest of Opacus' modes for MnistCNN on CPU here
     # (batch 64 and 256)
     dp_grad_sample_mode: GradSampleMode = "ghost"
-    # Reputation (strategies.reputation): each node's suspicion score, an exponential
+    # Reputation (strategies.rules.reputation): each node's suspicion score, an exponential
     # moving average of per-round evidence (rejected, left out by a selection rule,
     # far from the aggregate); with quarantine-threshold > 0, nodes at or above it sit
     # out quarantine-rounds rounds (longer each time), at most quarantine-max at once
@@ -219,7 +219,7 @@ class RunConfig(_FlatModel):
     max_reply_bytes: int = Field(256 * 2**20, ge=0)
     max_update_norm: float = Field(1e6, ge=0)
     min_accepted_replies: int = Field(1, ge=1, le=100_000)
-    # Crash safety (server.results, docs/RELIABILITY.md): true continues the run in
+    # Crash safety (common.rundir, docs/RELIABILITY.md): true continues the run in
     # output-dir from its newest checkpoint (round k + 1 next); without a checkpoint
     # the run starts from round 1
     resume: bool = False
@@ -289,7 +289,7 @@ class TrainInstructions(_FlatModel):
     local_steps: int = Field(ge=0)
     batch_size: int = Field(ge=1)
     round_seed: int = Field(ge=0)
-    batch_cell: int = Field(-1, ge=-1)  # the cell of a batch run (bastion.batch), or -1
+    batch_cell: int = Field(-1, ge=-1)  # the cell of a batch run (common.batch), or -1
     # the Flower run id whose DP privacy ledger this run continues (a resumed run is a
     # new Flower run; its nodes keep accounting in the first attempt's ledger); 0: own
     ledger_run: int = Field(0, ge=0)

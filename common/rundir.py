@@ -40,9 +40,9 @@ import numpy as np
 import torch
 from flwr.common import log
 
-from bastion.config import ConfigError, RunConfig
-from bastion.figures import run_title, save_figure
-from bastion.runlog import read_jsonl
+from common.config import ConfigError, RunConfig
+from common.figures import run_title, save_figure
+from common.runlog import read_jsonl
 
 
 def default_run_dir(base: str | Path = "runs", dataset: str = "run") -> Path:
@@ -287,7 +287,7 @@ def check_resume_config(
     Every key except :data:`RESUME_MAY_CHANGE` must be equal in ``saved`` (the
     checkpoint's config) and ``new``; a key one of them lacks (a checkpoint from an
     older version) counts as its default. ``num-server-rounds`` must be at least
-    ``server_round``. Raises :class:`~bastion.config.ConfigError` naming every key
+    ``server_round``. Raises :class:`~common.config.ConfigError` naming every key
     that differs, with both values.
     """
     defaults = RunConfig().to_flat()

@@ -1,4 +1,4 @@
-"""Reading a run directory's JSON-lines files (written by :mod:`server.results`).
+"""Reading a run directory's JSON-lines files (written by :mod:`common.rundir`).
 
 Kept free of torch and Flower imports: the CLI, the simulation launcher and the
 experiment runner read runs while they are being written, and import this early.

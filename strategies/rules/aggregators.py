@@ -18,7 +18,7 @@ point). Only :class:`Mean` accepts ``weights``; every robust rule raises if
 weights are given, because client-reported sample counts are attacker
 controlled and must never weight a robust rule.
 
-No Flower imports here: see ``strategies/registry.py`` for construction by
+No Flower imports here: see ``strategies/rules/registry.py`` for construction by
 name and ``docs/AGGREGATION.md`` for the preconditions and numerics.
 """
 
@@ -31,7 +31,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from strategies import _kernels as K
+from strategies.rules import _kernels as K
 
 __all__ = [
     "AggregationOutput",

@@ -5,7 +5,7 @@ A pre-aggregator is a callable ``pre(x, *, num_byzantine=f)`` returning a
 the next step, and the ``(m, n)`` mixing matrix whose row ``i`` gives the
 coefficients of output ``i`` over the inputs (so diagnostics can trace outputs
 back to clients). Steps compose: the output of one feeds the next, and the
-mixing matrices multiply (see :class:`strategies.registry.Pipeline`).
+mixing matrices multiply (see :class:`strategies.rules.registry.Pipeline`).
 
 Byzantine-count rules (derivations in ``docs/AGGREGATION.md``):
 
@@ -32,8 +32,8 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
-from strategies import _kernels as K
-from strategies.aggregators import NamedStep, _positive, check_num_byzantine, validate_updates
+from strategies.rules import _kernels as K
+from strategies.rules.aggregators import NamedStep, _positive, check_num_byzantine, validate_updates
 
 __all__ = [
     "Bucket",

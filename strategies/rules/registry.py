@@ -1,6 +1,6 @@
 """Build aggregation rules and pre-aggregation steps by name, and chain them.
 
->>> from strategies.registry import build_aggregator, build_preaggregator, compose
+>>> from strategies.rules.registry import build_aggregator, build_preaggregator, compose
 >>> krum = build_aggregator("krum", num_byzantine=2)
 >>> pipe = compose([build_preaggregator("bucket", s=2, seed=0)], krum)
 >>> out = pipe.aggregate(x, num_byzantine=2)        # doctest: +SKIP
@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from strategies.aggregators import (
+from strategies.rules.aggregators import (
     AggregationOutput,
     Aggregator,
     Bulyan,
@@ -33,7 +33,7 @@ from strategies.aggregators import (
     TrimmedMean,
     check_num_byzantine,
 )
-from strategies.preaggregators import (
+from strategies.rules.preaggregators import (
     Bucket,
     Clip,
     NearestNeighborMixing,
