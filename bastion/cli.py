@@ -134,7 +134,7 @@ def _pipeline_problem(cfg: RunConfig, replies: int) -> str | None:
     """The configured pipeline's complaint on ``replies`` random updates, or None."""
     import torch
 
-    from strategies.strategy import pipeline_from_config
+    from strategies.rules.from_config import pipeline_from_config
 
     try:
         pipeline_from_config(cfg).aggregate(
@@ -150,7 +150,7 @@ def _effective_byzantine(cfg: RunConfig, replies: int) -> list[tuple[str, int, i
     on ``replies`` updates; empty when a step itself cannot run."""
     import torch
 
-    from strategies.strategy import pipeline_from_config
+    from strategies.rules.from_config import pipeline_from_config
 
     updates, f, out = torch.randn(replies, 4), cfg.num_byzantine, []
     try:

@@ -32,6 +32,7 @@ from attacks.byzantine import label_flip
 from client.malformed import fuzzed_node_reply, malformed_node_reply
 from client.malicious import AttackPlan, apply_attack, resolve_plan
 from client.privacy import PrivateRound, budget_error_reply, resolve_dp
+from common import protocol
 from common.config import NodeConfig, RunConfig, TrainInstructions
 from task.datasets import ArrayDataset, num_classes
 from task.federated import ClientData, PartitionSpec, load_client_data, training_set
@@ -44,7 +45,7 @@ app = ClientApp()
 
 def _setup(context: Context, msg: Message) -> tuple[RunConfig, NodeConfig]:
     run = RunConfig.from_flat(context.run_config)
-    cell = msg.content.config_records.get("config", {}).get("batch-cell", -1)
+    cell = msg.content.config_records.get(protocol.CONFIG, {}).get(protocol.BATCH_CELL, -1)
     if run.batch_file and isinstance(cell, int) and cell >= 0:
         # one cell of a batch run: its own run config (see common.batch)
         from common.batch import cell_run_config
@@ -96,11 +97,11 @@ def _model_from(state: dict[str, torch.Tensor], dataset: str) -> torch.nn.Module
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this node's partition and reply with it."""
     run, node = _setup(context, msg)
-    instr = TrainInstructions.from_flat(msg.content["config"], source="train config")
+    instr = TrainInstructions.from_flat(msg.content[protocol.CONFIG], source="train config")
     plan = resolve_plan(run, node)
     data = _client_data(run, node)
     device = resolve_device(run.device)
-    global_state = msg.content["arrays"].to_torch_state_dict()
+    global_state = msg.content[protocol.ARRAYS].to_torch_state_dict()
     model = _model_from(global_state, run.dataset)
     train_set = _training_set(run, node, plan, data)
     dp = resolve_dp(run, node)
@@ -126,14 +127,14 @@ def train(msg: Message, context: Context) -> Message:
             device=device,
         )
     values: dict[str, int | float] = {
-        "num-examples": result.num_examples,
-        "train-loss": result.mean_loss,
-        "train-seconds": result.seconds,
-        "steps": result.steps,
-        "partition-id": node.partition_id,
+        protocol.NUM_EXAMPLES: result.num_examples,
+        protocol.TRAIN_LOSS: result.mean_loss,
+        protocol.TRAIN_SECONDS: result.seconds,
+        protocol.STEPS: result.steps,
+        protocol.PARTITION_ID: node.partition_id,
     }
     if private is not None:
-        del values["train-loss"]
+        del values[protocol.TRAIN_LOSS]
         values |= private.metrics()
     state = model.to("cpu").state_dict()
     if plan is not None:
@@ -148,12 +149,14 @@ def train(msg: Message, context: Context) -> Message:
         )
         # Ground truth for experiments (see client.malicious); the strategy ignores it.
         values |= {
-            "num-examples": len(data.train),
-            "malicious": 1,
-            "known-rows": crafted.known_rows,
-            "colluders-seen": crafted.colluders_seen,
+            protocol.NUM_EXAMPLES: len(data.train),
+            protocol.MALICIOUS: 1,
+            protocol.KNOWN_ROWS: crafted.known_rows,
+            protocol.COLLUDERS_SEEN: crafted.colluders_seen,
         }
-    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(values)})
+    content = RecordDict(
+        {protocol.ARRAYS: ArrayRecord(state), protocol.METRICS: MetricRecord(values)}
+    )
     if node.role == "malformed":  # a broken/hostile node: see client.malformed
         content = malformed_node_reply(
             content,
@@ -179,16 +182,16 @@ def evaluate(msg: Message, context: Context) -> Message:
     run, node = _setup(context, msg)
     data = _client_data(run, node)
     result = evaluate_model(
-        _model_from(msg.content["arrays"].to_torch_state_dict(), run.dataset),
+        _model_from(msg.content[protocol.ARRAYS].to_torch_state_dict(), run.dataset),
         data.test,
         device=resolve_device(run.device),
     )
     metrics = MetricRecord(
         {
-            "num-examples": result.num_examples,
-            "eval-loss": result.loss,
-            "eval-accuracy": result.accuracy,
-            "partition-id": node.partition_id,
+            protocol.NUM_EXAMPLES: result.num_examples,
+            protocol.EVAL_LOSS: result.loss,
+            protocol.EVAL_ACCURACY: result.accuracy,
+            protocol.PARTITION_ID: node.partition_id,
         }
     )
-    return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
+    return Message(content=RecordDict({protocol.METRICS: metrics}), reply_to=msg)

@@ -41,10 +41,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.common import log
 
+from common import protocol
 from common.config import ConfigError
 
-ARRAYS_KEY = "arrays"
-METRICS_KEY = "metrics"
 # how far over max-reply-bytes the oversized kinds go; and their size without a limit
 OVERSIZE_MARGIN = 1024
 UNLIMITED_OVERSIZE = 4 * 2**20
@@ -118,11 +117,11 @@ KIND_NAMES: tuple[str, ...] = tuple(k.name for k in MALFORMED_KINDS)
 
 # ------------------------------------------------------------------ helpers
 def _arrays(honest: RecordDict) -> OrderedDict[str, Array]:
-    return OrderedDict(honest.array_records[ARRAYS_KEY].items())
+    return OrderedDict(honest.array_records[protocol.ARRAYS].items())
 
 
 def _metrics(honest: RecordDict) -> dict[str, object]:
-    return dict(honest.metric_records[METRICS_KEY].items())
+    return dict(honest.metric_records[protocol.METRICS].items())
 
 
 def _reply(
@@ -134,8 +133,8 @@ def _reply(
     """A reply with ``honest``'s arrays and metrics unless replaced, plus ``extra``."""
     return RecordDict(
         {
-            ARRAYS_KEY: ArrayRecord(_arrays(honest) if arrays is None else arrays),
-            METRICS_KEY: MetricRecord(_metrics(honest) if metrics is None else metrics),  # type: ignore[arg-type]
+            protocol.ARRAYS: ArrayRecord(_arrays(honest) if arrays is None else arrays),
+            protocol.METRICS: MetricRecord(_metrics(honest) if metrics is None else metrics),  # type: ignore[arg-type]
         }
         | extra
     )
@@ -177,7 +176,7 @@ def _with_metrics(honest: RecordDict, **changes: object) -> RecordDict:
 
 
 def _num_examples(honest: RecordDict) -> int:
-    value = _metrics(honest).get("num-examples")
+    value = _metrics(honest).get(protocol.NUM_EXAMPLES)
     return value if isinstance(value, int) and value > 0 else 1
 
 
@@ -276,7 +275,10 @@ def _builders(max_reply_bytes: int) -> dict[str, Callable[[RecordDict], RecordDi
         "empty-reply": lambda h: RecordDict(),
         "error-reply": _error,
         "arrays-renamed": lambda h: RecordDict(
-            {"weights": ArrayRecord(_arrays(h)), METRICS_KEY: h.metric_records[METRICS_KEY]}
+            {
+                "weights": ArrayRecord(_arrays(h)),
+                protocol.METRICS: h.metric_records[protocol.METRICS],
+            }
         ),
         "extra-array-record": lambda h: _reply(
             h, extra=ArrayRecord(OrderedDict(x=Array(np.zeros(3, np.float32))))
@@ -285,9 +287,9 @@ def _builders(max_reply_bytes: int) -> dict[str, Callable[[RecordDict], RecordDi
             h, config=ConfigRecord({"note": "not part of the reply contract"})
         ),
         "extra-metric-record": lambda h: _reply(h, **{"extra-metrics": MetricRecord({"x": 1.0})}),
-        "metrics-missing": lambda h: RecordDict({ARRAYS_KEY: ArrayRecord(_arrays(h))}),
+        "metrics-missing": lambda h: RecordDict({protocol.ARRAYS: ArrayRecord(_arrays(h))}),
         "metrics-as-config": lambda h: RecordDict(
-            {ARRAYS_KEY: ArrayRecord(_arrays(h)), METRICS_KEY: ConfigRecord(_metrics(h))}  # type: ignore[arg-type]
+            {protocol.ARRAYS: ArrayRecord(_arrays(h)), protocol.METRICS: ConfigRecord(_metrics(h))}  # type: ignore[arg-type]
         ),
         "num-examples-negative": lambda h: _with_metrics(h, num_examples=-_num_examples(h)),
         "num-examples-zero": lambda h: _with_metrics(h, num_examples=0),
@@ -298,7 +300,7 @@ def _builders(max_reply_bytes: int) -> dict[str, Callable[[RecordDict], RecordDi
         "train-loss-nan": lambda h: _with_metrics(h, train_loss=math.nan),
         "partition-id-float": lambda h: _with_metrics(
             h,
-            partition_id=float(_metrics(h).get("partition-id", 0)),  # type: ignore[arg-type]
+            partition_id=float(_metrics(h).get(protocol.PARTITION_ID, 0)),  # type: ignore[arg-type]
         ),
         "oversized-array": lambda h: _oversized_array(h, max_reply_bytes),
         "oversized-record": lambda h: _oversized_record(h, max_reply_bytes),

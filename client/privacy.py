@@ -55,6 +55,7 @@ import torch
 from flwr.app import Error, Message
 from flwr.common import log
 
+from common import protocol
 from common.config import ConfigError, NodeConfig, RunConfig, TrainInstructions
 from task.datasets import ArrayDataset
 from task.training import DPTrainResult, dp_num_steps, dp_sample_rate, train_local_dp
@@ -467,9 +468,9 @@ class PrivateRound:
         if self.epsilon is None:
             raise RuntimeError("PrivateRound.metrics called before train")
         return {
-            "dp-epsilon": self.epsilon,
-            "dp-delta": self.dp.delta,
-            "dp-noise-multiplier": self.noise_multiplier,
-            "dp-sample-rate": self.sample_rate,
-            "dp-rounds": len(self.ledger.entries),
+            protocol.DP_EPSILON: self.epsilon,
+            protocol.DP_DELTA: self.dp.delta,
+            protocol.DP_NOISE_MULTIPLIER: self.noise_multiplier,
+            protocol.DP_SAMPLE_RATE: self.sample_rate,
+            protocol.DP_ROUNDS: len(self.ledger.entries),
         }

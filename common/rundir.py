@@ -25,6 +25,7 @@ key that changes what the run computes (:func:`check_resume_config`), and rewind
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -38,11 +39,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.common import log
 
 from common.config import ConfigError, RunConfig
 from common.figures import run_title, save_figure
 from common.runlog import read_jsonl
+
+# Flower's logger (the ServerApp's log), without importing Flower into the ground
+log = logging.getLogger("flwr").log
 
 
 def default_run_dir(base: str | Path = "runs", dataset: str = "run") -> Path:

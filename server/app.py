@@ -24,16 +24,13 @@ from flwr.common import Error, log
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
+from common import protocol
 from common.config import RunConfig
 from common.rundir import RunResults, default_run_dir, restore_rng_state, rng_state
 from server.omniscient import OmniscientAdversary
 from server.reputation_report import reputation_summary, write_reputation_report
-from strategies.strategy import (
-    NodeDiagnostics,
-    RobustStrategy,
-    pipeline_from_config,
-    reputation_from_config,
-)
+from strategies.rules.from_config import pipeline_from_config, reputation_from_config
+from strategies.strategy import NodeDiagnostics, RobustStrategy
 from strategies.validation import MAX_REASON_CHARS, bounded
 from task.datasets import load_dataset
 from task.models import build_model
@@ -304,7 +301,9 @@ def _run(grid: Grid, cfg: RunConfig, results: RunResults, batch_cell: int = -1) 
         messages = strategy.configure_train(
             server_round,
             arrays,
-            ConfigRecord(instructions | {"batch-cell": batch_cell, "ledger-run": ledger_run}),
+            ConfigRecord(
+                instructions | {protocol.BATCH_CELL: batch_cell, protocol.LEDGER_RUN: ledger_run}
+            ),
             grid,
         )
         online = list(grid.get_node_ids())
@@ -361,20 +360,20 @@ def _run(grid: Grid, cfg: RunConfig, results: RunResults, batch_cell: int = -1) 
             server_round % cfg.federated_eval_every == 0 or server_round == cfg.num_server_rounds
         ):
             eval_msgs = strategy.configure_evaluate(
-                server_round, arrays, ConfigRecord({"batch-cell": batch_cell}), grid
+                server_round, arrays, ConfigRecord({protocol.BATCH_CELL: batch_cell}), grid
             )
             eval_replies, _ = send_and_receive(grid, eval_msgs, cfg.round_timeout)
             fed = strategy.aggregate_evaluate(server_round, eval_replies)
             # medians over the nodes whose replies were usable (strategy.aggregate_evaluate)
-            row["federated_nodes"] = 0 if fed is None else fed["num-nodes"]
+            row["federated_nodes"] = 0 if fed is None else fed[protocol.NUM_NODES]
             row["federated_rejected"] = [
                 {"node_id": n.node_id, "reason": n.reason}
                 for n in strategy.last_evaluation
                 if n.status == "rejected"
             ]
             if fed is not None:
-                row["federated_accuracy"] = fed["eval-accuracy"]
-                row["federated_loss"] = fed["eval-loss"]
+                row["federated_accuracy"] = fed[protocol.EVAL_ACCURACY]
+                row["federated_loss"] = fed[protocol.EVAL_LOSS]
         slowest = summary.slowest_train_seconds
         # DP: the largest whole-run epsilon any replying node reports (client.privacy)
         epsilons = [d.dp_epsilon for d in summary.nodes if d.dp_epsilon is not None]

@@ -22,9 +22,10 @@ from flwr.serverapp import Grid
 
 from attacks.byzantine import build_attack
 from client.malicious import attack_params
+from common import protocol
 from common.config import RunConfig
 from strategies.layout import ModelLayout
-from strategies.validation import METRICS_KEY, check_train_reply
+from strategies.validation import check_train_reply
 
 
 class OmniscientRefused(RuntimeError):
@@ -84,18 +85,18 @@ class OmniscientAdversary:
                 check_train_reply(msg, layout)
             except Exception:  # RejectedReply or anything else from this one reply:
                 continue  # the strategy will reject it with its reason
-            metrics = msg.content.metric_records[METRICS_KEY]
-            if metrics.get("malicious") == 1:
+            metrics = msg.content.metric_records[protocol.METRICS]
+            if metrics.get(protocol.MALICIOUS) == 1:
                 malicious.append(msg)
             else:
-                pid = metrics.get("partition-id")
+                pid = metrics.get(protocol.PARTITION_ID)
                 honest.append((pid if isinstance(pid, int) else 1 << 62, msg))
         if not malicious or not honest:
             return 0
         honest.sort(key=lambda item: item[0])
         base = layout.flatten(global_arrays)
         known = torch.stack(
-            [layout.flatten(m.content.array_records["arrays"]) - base for _, m in honest]
+            [layout.flatten(m.content.array_records[protocol.ARRAYS]) - base for _, m in honest]
         )
         # A diverged honest node's update (nan/inf) is one the strategy rejects: the
         # attackers know it is useless and compute from the others.
@@ -106,5 +107,5 @@ class OmniscientAdversary:
         update = build_attack(self.cfg.attack, **params)(known)
         crafted = layout.add_scaled(global_arrays, update, 1.0)
         for msg in malicious:
-            msg.content["arrays"] = crafted
+            msg.content[protocol.ARRAYS] = crafted
         return len(malicious)

@@ -42,15 +42,15 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from common import protocol
 from strategies.layout import ModelLayout
 from strategies.rules._kernels import coordinate_median, norm64
-from strategies.rules.registry import Pipeline, build_aggregator, build_preaggregator, compose
-from strategies.rules.reputation import Reputation, ReputationConfig
+from strategies.rules.registry import Pipeline, build_aggregator, compose
+from strategies.rules.reputation import Reputation
 from strategies.validation import (
     DEFAULT_MAX_REPLY_BYTES,
     DEFAULT_MAX_UPDATE_NORM,
     MAX_REASON_CHARS,
-    METRICS_KEY,
     ReplyLedger,
     bounded,
     check_evaluate_reply,
@@ -296,15 +296,17 @@ class RobustStrategy(FedAvg):
                 ledger.admit(msg)
                 check_train_reply(msg, layout, max_reply_bytes=self.max_reply_bytes)
                 layout.flatten_into(
-                    msg.content.array_records["arrays"], deltas[len(decoded)], minus=self._global
+                    msg.content.array_records[protocol.ARRAYS],
+                    deltas[len(decoded)],
+                    minus=self._global,
                 )
-                metrics = msg.content.metric_records[METRICS_KEY]
-                diag.partition_id = _int_or_none(metrics.get("partition-id"))
-                diag.num_examples = float(metrics["num-examples"])
-                diag.train_loss = _float_or_none(metrics.get("train-loss"))
-                diag.train_seconds = _float_or_none(metrics.get("train-seconds"))
-                diag.malicious = metrics.get("malicious") == 1
-                diag.dp_epsilon = _float_or_none(metrics.get("dp-epsilon"))
+                metrics = msg.content.metric_records[protocol.METRICS]
+                diag.partition_id = _int_or_none(metrics.get(protocol.PARTITION_ID))
+                diag.num_examples = float(metrics[protocol.NUM_EXAMPLES])
+                diag.train_loss = _float_or_none(metrics.get(protocol.TRAIN_LOSS))
+                diag.train_seconds = _float_or_none(metrics.get(protocol.TRAIN_SECONDS))
+                diag.malicious = metrics.get(protocol.MALICIOUS) == 1
+                diag.dp_epsilon = _float_or_none(metrics.get(protocol.DP_EPSILON))
             except Exception as exc:  # anything from this one reply is its rejection
                 diag.partition_id = diag.num_examples = diag.train_loss = None
                 diag.train_seconds = diag.dp_epsilon = None
@@ -387,11 +389,11 @@ class RobustStrategy(FedAvg):
         summary.slowest_train_seconds = max(times) if times else None
         metrics = MetricRecord(
             {
-                "num-accepted": summary.num_accepted,
-                "num-rejected": summary.num_rejected,
-                "aggregate-norm": agg_norm,
+                protocol.NUM_ACCEPTED: summary.num_accepted,
+                protocol.NUM_REJECTED: summary.num_rejected,
+                protocol.AGGREGATE_NORM: agg_norm,
             }
-            | ({"train-loss": summary.train_loss} if summary.train_loss is not None else {})
+            | ({protocol.TRAIN_LOSS: summary.train_loss} if summary.train_loss is not None else {})
         )
         return new_global, metrics
 
@@ -438,7 +440,7 @@ class RobustStrategy(FedAvg):
             try:
                 ledger.admit(msg)
                 loss, acc = check_evaluate_reply(msg, max_reply_bytes=self.max_reply_bytes)
-                count = msg.content.metric_records[METRICS_KEY]["num-examples"]
+                count = msg.content.metric_records[protocol.METRICS][protocol.NUM_EXAMPLES]
                 node.eval_loss, node.eval_accuracy = loss, acc
                 node.num_examples = int(count)  # type: ignore[arg-type]
             except Exception as exc:  # anything from this one reply is its rejection
@@ -461,10 +463,10 @@ class RobustStrategy(FedAvg):
         loss, accuracy = coordinate_median(values).tolist()
         return MetricRecord(
             {
-                "eval-loss": loss,
-                "eval-accuracy": accuracy,
-                "num-nodes": len(used),
-                "num-examples": sum(n.num_examples or 0 for n in used),
+                protocol.EVAL_LOSS: loss,
+                protocol.EVAL_ACCURACY: accuracy,
+                protocol.NUM_NODES: len(used),
+                protocol.NUM_EXAMPLES: sum(n.num_examples or 0 for n in used),
             }
         )
 
@@ -552,48 +554,3 @@ def _float_or_none(value: object) -> float | None:
 
 def _int_or_none(value: object) -> int | None:
     return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def reputation_from_config(cfg: Any) -> Reputation:
-    """A :class:`~strategies.rules.reputation.Reputation` from a :class:`common.config.RunConfig`
-    (``quarantine-max = -1`` caps quarantine at ``num-byzantine``, none when that is 0)."""
-    cap = cfg.quarantine_max
-    if cap < 0:
-        cap = cfg.num_byzantine if cfg.num_byzantine > 0 else None
-    return Reputation(
-        ReputationConfig(
-            decay=cfg.reputation_decay,
-            weight_unselected=cfg.reputation_weight_unselected,
-            weight_far=cfg.reputation_weight_far,
-            weight_missing=cfg.reputation_weight_missing,
-            quarantine_threshold=cfg.quarantine_threshold,
-            quarantine_rounds=cfg.quarantine_rounds,
-            escalation=cfg.quarantine_escalation,
-            max_quarantined=cap,
-        )
-    )
-
-
-def pipeline_from_config(cfg: Any) -> Pipeline:
-    """Build the pre-aggregation steps and the rule from a :class:`common.config.RunConfig`.
-
-    Step order: ``clip`` (``clip-norm`` > 0), ``nnm`` (``nnm = true``), then
-    ``bucket`` (``bucketing-s`` > 0) or ``resample`` (``resampling-s`` > 0).
-    """
-    steps = []
-    if cfg.clip_norm > 0:
-        steps.append(build_preaggregator("clip", max_norm=cfg.clip_norm))
-    if cfg.nnm:
-        steps.append(build_preaggregator("nnm"))
-    if cfg.bucketing_s > 0:
-        steps.append(build_preaggregator("bucket", s=cfg.bucketing_s, seed=cfg.seed))
-    if cfg.resampling_s > 0:
-        steps.append(build_preaggregator("resample", s=cfg.resampling_s, seed=cfg.seed))
-    params: dict[str, Any] = {}
-    if cfg.aggregator == "multi-krum" and cfg.multi_krum_m > 0:
-        params["m"] = cfg.multi_krum_m
-    elif cfg.aggregator == "geometric-median":
-        params |= {"max_iter": cfg.gm_max_iter, "nu": cfg.gm_nu, "tol": cfg.gm_tol}
-    elif cfg.aggregator == "centered-clipping":
-        params |= {"tau": cfg.cc_tau, "iterations": cfg.cc_iterations}
-    return compose(steps, build_aggregator(cfg.aggregator, **params))

@@ -22,9 +22,9 @@ The contract, in the order it is checked (the first broken rule is the reason):
    whose header agrees with that metadata and whose length matches it exactly
    (read from the header only: no array is copied or decoded here);
 5. metrics: ``num-examples`` an integer in ``1..10^9``; every key of
-   :data:`METRIC_TYPES` that is present has its type (an ``int`` key an integer; a
+   :data:`common.protocol.METRIC_TYPES` that is present has its type (an ``int`` key an integer; a
    ``float`` key any number) and, if a float, is finite (``dp-epsilon`` may be
-   ``+inf``: DP-SGD without noise). Keys not in :data:`METRIC_TYPES` are ignored
+   ``+inf``: DP-SGD without noise). Keys not in :data:`common.protocol.METRIC_TYPES` are ignored
    (the strategy never reads them); their bytes count towards the size limit.
 
 Finiteness of the update values and ``max-update-norm`` are checked by the
@@ -40,12 +40,13 @@ reply is checked or decoded becomes that reply's reason (:func:`failure_reason`)
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import Array, Message, MetricRecord, RecordDict
 
+from common import protocol
 from strategies.layout import (
     ArraySlot,
     ModelLayout,
@@ -54,35 +55,10 @@ from strategies.layout import (
     read_npy_header,
 )
 
-ARRAYS_KEY = "arrays"
-METRICS_KEY = "metrics"
-MAX_NUM_EXAMPLES = 10**9
 NUMPY_STYPE = "numpy.ndarray"
 # defaults of the run-config keys max-reply-bytes and max-update-norm (common.config)
 DEFAULT_MAX_REPLY_BYTES = 256 * 2**20
 DEFAULT_MAX_UPDATE_NORM = 1e6
-
-# Every metric key a Bastion ClientApp sends (client.app, client.privacy,
-# client.malicious) and its type; see the module docstring for the rules.
-METRIC_TYPES: Mapping[str, type] = {
-    "num-examples": int,
-    "train-loss": float,
-    "train-seconds": float,
-    "steps": int,
-    "partition-id": int,
-    "dp-epsilon": float,
-    "dp-delta": float,
-    "dp-noise-multiplier": float,
-    "dp-sample-rate": float,
-    "dp-rounds": int,
-    "malicious": int,
-    "known-rows": int,
-    "colluders-seen": int,
-    "eval-loss": float,
-    "eval-accuracy": float,
-}
-# float metrics that may be +inf (never NaN): epsilon of DP-SGD without noise
-MAY_BE_INFINITE = frozenset({"dp-epsilon"})
 # bytes counted for one number in a MetricRecord or ConfigRecord (protobuf: <= 10)
 NUMBER_BYTES = 8
 # Text bounds: any one string taken from a reply, and a whole recorded reason.
@@ -190,20 +166,20 @@ def _type_name(value: object) -> str:
 def check_metrics(metrics: MetricRecord) -> None:
     """Raise :class:`RejectedReply` unless ``metrics`` follows the metrics contract
     (``num-examples`` in range; each known key of its type and finite)."""
-    if "num-examples" not in metrics:
+    if protocol.NUM_EXAMPLES not in metrics:
         raise RejectedReply("metric 'num-examples' is missing")
-    num_examples = metrics["num-examples"]
+    num_examples = metrics[protocol.NUM_EXAMPLES]
     if isinstance(num_examples, bool) or not isinstance(num_examples, int | np.integer):
         raise RejectedReply(
             f"metric 'num-examples' must be an integer, got {shown(num_examples)} "
             f"({_type_name(num_examples)})"
         )
-    if not 1 <= int(num_examples) <= MAX_NUM_EXAMPLES:
+    if not 1 <= int(num_examples) <= protocol.MAX_NUM_EXAMPLES:
         raise RejectedReply(
-            f"metric 'num-examples' is {num_examples}; allowed: 1..{MAX_NUM_EXAMPLES}"
+            f"metric 'num-examples' is {num_examples}; allowed: 1..{protocol.MAX_NUM_EXAMPLES}"
         )
     for key, value in metrics.items():
-        kind = METRIC_TYPES.get(key)
+        kind = protocol.METRIC_TYPES.get(key)
         if kind is None:
             continue
         if kind is int:
@@ -215,8 +191,12 @@ def check_metrics(metrics: MetricRecord) -> None:
             raise RejectedReply(
                 f"metric {key!r} must be a float, got {shown(value)} ({_type_name(value)})"
             )
-        elif not math.isfinite(value) and not (key in MAY_BE_INFINITE and value == math.inf):
-            allowed = "a finite float or +inf" if key in MAY_BE_INFINITE else "a finite float"
+        elif not math.isfinite(value) and not (
+            key in protocol.MAY_BE_INFINITE and value == math.inf
+        ):
+            allowed = (
+                "a finite float or +inf" if key in protocol.MAY_BE_INFINITE else "a finite float"
+            )
             raise RejectedReply(f"metric {key!r} is {value!r}; allowed: {allowed}")
 
 
@@ -228,8 +208,8 @@ def _check_records(content: RecordDict, *, arrays: bool = True) -> None:
         **{k: "MetricRecord" for k in content.metric_records},
         **{k: "ConfigRecord" for k in content.config_records},
     }
-    wanted = [(ARRAYS_KEY, "ArrayRecord")] if arrays else []
-    wanted.append((METRICS_KEY, "MetricRecord"))
+    wanted = [(protocol.ARRAYS, "ArrayRecord")] if arrays else []
+    wanted.append((protocol.METRICS, "MetricRecord"))
     if not kinds:
         expected_text = " and ".join(f"{kind} {key!r}" for key, kind in wanted)
         raise RejectedReply(f"empty reply: no records (expected {expected_text})")
@@ -280,7 +260,7 @@ def _check_payload(array: Array, slot: ArraySlot) -> None:
 
 
 def _check_arrays(content: RecordDict, layout: ModelLayout) -> None:
-    arrays = content.array_records[ARRAYS_KEY]
+    arrays = content.array_records[protocol.ARRAYS]
     expected = [slot.name for slot in layout.slots]
     if list(arrays.keys()) != expected:
         missing = [k for k in expected if k not in arrays]
@@ -336,7 +316,7 @@ def check_train_reply(msg: Message, layout: ModelLayout, *, max_reply_bytes: int
     content = msg.content
     _check_records(content)
     _check_arrays(content, layout)
-    check_metrics(content.metric_records[METRICS_KEY])
+    check_metrics(content.metric_records[protocol.METRICS])
 
 
 def check_evaluate_reply(msg: Message, *, max_reply_bytes: int = 0) -> tuple[float, float]:
@@ -347,12 +327,13 @@ def check_evaluate_reply(msg: Message, *, max_reply_bytes: int = 0) -> tuple[flo
     accuracy in [0, 1]."""
     _check_size_and_error(msg, max_reply_bytes)
     _check_records(msg.content, arrays=False)
-    metrics = msg.content.metric_records[METRICS_KEY]
+    metrics = msg.content.metric_records[protocol.METRICS]
     check_metrics(metrics)
-    for key in ("eval-loss", "eval-accuracy"):
+    for key in (protocol.EVAL_LOSS, protocol.EVAL_ACCURACY):
         if key not in metrics:
             raise RejectedReply(f"metric {key!r} is missing")
-    loss, accuracy = float(metrics["eval-loss"]), float(metrics["eval-accuracy"])  # type: ignore[arg-type]
+    loss = float(metrics[protocol.EVAL_LOSS])  # type: ignore[arg-type]
+    accuracy = float(metrics[protocol.EVAL_ACCURACY])  # type: ignore[arg-type]
     if not 0.0 <= accuracy <= 1.0:
         raise RejectedReply(f"metric 'eval-accuracy' is {accuracy!r}; allowed: 0..1")
     return loss, accuracy

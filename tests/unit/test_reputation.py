@@ -17,12 +17,9 @@ from server.reputation_report import (
     write_reputation_report,
 )
 from strategies import build_aggregator, compose
+from strategies.rules.from_config import reputation_from_config
 from strategies.rules.reputation import Reputation, ReputationConfig
-from strategies.strategy import (
-    NodeDiagnostics,
-    RobustStrategy,
-    reputation_from_config,
-)
+from strategies.strategy import NodeDiagnostics, RobustStrategy
 from tests.unit.test_strategy import FakeGrid, model_arrays, pushed, reply
 
 

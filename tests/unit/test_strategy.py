@@ -23,7 +23,8 @@ from flwr.supercore.task_identity import TaskIdentity
 from common.config import RunConfig
 from strategies import build_aggregator, compose
 from strategies.layout import ModelLayout, npy_array
-from strategies.strategy import RobustStrategy, pipeline_from_config
+from strategies.rules.from_config import pipeline_from_config
+from strategies.strategy import RobustStrategy
 
 
 @pytest.fixture(autouse=True)
