@@ -2,8 +2,8 @@
 
 A malicious ClientApp (:mod:`client.malicious`) crafts its update with them; the
 ServerApp's simulation-only research hook (:mod:`server.omniscient`) does the same
-with every honest update of the round. Only torch and the standard library are
-imported here (no Flower).
+with every honest update of the round. Only torch, the standard library and the
+ground (:mod:`common`) are imported here (no Flower).
 
 >>> from attacks import build_attack
 >>> bad = build_attack("ipm", epsilon=0.1)(known)      # doctest: +SKIP
@@ -11,7 +11,32 @@ imported here (no Flower).
 
 from __future__ import annotations
 
-from attacks.byzantine import ATTACKS, Attack, alie_z_max, build_attack, label_flip
+from attacks.byzantine import (
+    ATTACKS,
+    DATA_ATTACKS,
+    Attack,
+    alie_z_max,
+    attack_names,
+    attack_params,
+    build_attack,
+    check_attack_config,
+    declared_options,
+    label_flip,
+    round_seed_param,
+)
 from attacks.selection import malicious_partitions
 
-__all__ = ["ATTACKS", "Attack", "alie_z_max", "build_attack", "label_flip", "malicious_partitions"]
+__all__ = [
+    "ATTACKS",
+    "DATA_ATTACKS",
+    "Attack",
+    "alie_z_max",
+    "attack_names",
+    "attack_params",
+    "build_attack",
+    "check_attack_config",
+    "declared_options",
+    "label_flip",
+    "malicious_partitions",
+    "round_seed_param",
+]

@@ -30,8 +30,9 @@ scaling    ``scale * known[0]``                    ``scale=10.0``
 applied to the attacker's training labels rather than to its update.
 
 Every bad name, parameter or value raises ``ValueError`` saying what is
-allowed. Only torch and the standard library are imported (no Flower, no
-numpy: numpy label arrays are handled by duck typing).
+allowed. Only torch, the standard library and the ground (:mod:`common`: the run
+config and its option declarations) are imported (no Flower, no numpy: numpy label
+arrays are handled by duck typing).
 """
 
 from __future__ import annotations
@@ -46,9 +47,13 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import Tensor
 
+from common.config import ConfigError, RunConfig
+from common.options import Option, read_params
+
 __all__ = [
     "ATTACKS",
     "ATTACK_PARAMS",
+    "DATA_ATTACKS",
     "Alie",
     "Attack",
     "Gaussian",
@@ -57,8 +62,13 @@ __all__ = [
     "Scaling",
     "SignFlip",
     "alie_z_max",
+    "attack_names",
+    "attack_params",
     "build_attack",
+    "check_attack_config",
+    "declared_options",
     "label_flip",
+    "round_seed_param",
 ]
 
 _LabelsT = TypeVar("_LabelsT")
@@ -127,6 +137,30 @@ class Attack:
     name: ClassVar[str] = "attack"
     #: Accepted keyword parameters, in order.
     param_names: ClassVar[tuple[str, ...]] = ()
+    #: the run-config keys the attack reads and the parameters they feed
+    #: (:mod:`common.options`); the attack's name, its keys and its parameters are
+    #: declared here once, and the run config's allowed attack names, the registry
+    #: and :func:`attack_params` derive from them
+    options: ClassVar[tuple[Option, ...]] = ()
+    #: every concrete attack by name, in the order the classes are defined
+    registry: ClassVar[dict[str, type[Attack]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            if cls.name in Attack.registry:
+                raise TypeError(f"attack name {cls.name!r} is already taken")
+            Attack.registry[cls.name] = cls
+
+    @classmethod
+    def from_options(
+        cls, values: Mapping[str, Any], *, num_clients: int, num_byzantine: int
+    ) -> dict[str, Any]:
+        """Keyword parameters from the run config's values of :attr:`options`
+        (``{param: value}``, keys that are off left out) and the attack's setting: all
+        ``num_clients`` clients of a round, ``num_byzantine`` of them attackers. The
+        default uses the configured values alone."""
+        return dict(values)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -177,6 +211,7 @@ class Ipm(Attack):
 
     name: ClassVar[str] = "ipm"
     param_names: ClassVar[tuple[str, ...]] = ("epsilon",)
+    options = (Option("attack-epsilon", param="epsilon", default=0.1, ge=-1e6, le=1e6),)
 
     def __init__(self, *, epsilon: float = 0.1) -> None:
         self.epsilon = _real(self.name, "epsilon", epsilon, "epsilon must be a finite float")
@@ -264,6 +299,26 @@ class Alie(Attack):
 
     name: ClassVar[str] = "alie"
     param_names: ClassVar[tuple[str, ...]] = ("z", "num_clients", "num_byzantine")
+    options = (
+        Option(
+            "attack-z",
+            param="z",
+            default=0.0,
+            ge=-1e3,
+            le=1e3,
+            off=0.0,
+            help="ALIE's z (0: Baruch et al.'s z_max for the run's n and f)",
+        ),
+    )
+
+    @classmethod
+    def from_options(
+        cls, values: Mapping[str, Any], *, num_clients: int, num_byzantine: int
+    ) -> dict[str, Any]:
+        """``z`` as configured, else :func:`alie_z_max` of the setting."""
+        if "z" in values:
+            return dict(values)
+        return {"z": alie_z_max(num_clients, num_byzantine)}
 
     def __init__(
         self,
@@ -356,6 +411,7 @@ class Gaussian(Attack):
 
     name: ClassVar[str] = "gaussian"
     param_names: ClassVar[tuple[str, ...]] = ("sigma", "seed")
+    options = (Option("attack-sigma", param="sigma", default=200.0, gt=0, le=1e12),)
 
     def __init__(self, *, sigma: float = 200.0, seed: int | None = None) -> None:
         allowed = "sigma must be a finite float > 0"
@@ -400,6 +456,7 @@ class Mimic(Attack):
 
     name: ClassVar[str] = "mimic"
     param_names: ClassVar[tuple[str, ...]] = ("target",)
+    options = (Option("attack-target", param="target", default=0, ge=0, help="row mimic copies"),)
 
     def __init__(self, *, target: int = 0) -> None:
         allowed = "target must be an int with 0 <= target < k (the rows of known)"
@@ -435,6 +492,7 @@ class Scaling(Attack):
 
     name: ClassVar[str] = "scaling"
     param_names: ClassVar[tuple[str, ...]] = ("scale",)
+    options = (Option("attack-scale", param="scale", default=10.0, ge=-1e6, le=1e6),)
 
     def __init__(self, *, scale: float = 10.0) -> None:
         self.scale = _real(self.name, "scale", scale, "scale must be a finite float")
@@ -450,9 +508,8 @@ class Scaling(Attack):
 # --------------------------------------------------------------------------- #
 # Registry                                                                     #
 # --------------------------------------------------------------------------- #
-_ATTACK_CLASSES: dict[str, type[Attack]] = {
-    cls.name: cls for cls in (Ipm, Alie, SignFlip, Gaussian, Mimic, Scaling)
-}
+# every Attack subclass with a name registered itself when it was defined
+_ATTACK_CLASSES: Mapping[str, type[Attack]] = MappingProxyType(Attack.registry)
 
 #: Names accepted by :func:`build_attack`.
 ATTACKS: tuple[str, ...] = tuple(_ATTACK_CLASSES)
@@ -485,6 +542,67 @@ def build_attack(name: str, **params: Any) -> Attack:
                 f"{name} accepts: {', '.join(cls.param_names)}"
             )
     return cls(**params)
+
+
+# --------------------------------------------------------------------------- #
+# From the run config                                                          #
+# --------------------------------------------------------------------------- #
+#: attacks on the training data instead of the update (:func:`label_flip`)
+DATA_ATTACKS: tuple[str, ...] = ("label-flip",)
+
+
+def attack_names() -> tuple[str, ...]:
+    """What run-config key ``attack`` allows: ``none``, every registered update attack
+    and the data attacks."""
+    return ("none", *Attack.registry, *DATA_ATTACKS)
+
+
+def check_attack_config(cfg: RunConfig) -> None:
+    """Raise :class:`ConfigError` when ``cfg``'s ``attack`` is not an attack, when
+    ``num-malicious`` > 0 comes without one, or when a key the attack declares has a
+    bad value; the message names the key, the value and what is allowed."""
+    names = attack_names()
+    if cfg.attack not in names:
+        raise ConfigError(
+            f"{cfg.source} key 'attack': value {cfg.attack!r} is not allowed; allowed: "
+            f"one of {', '.join(repr(n) for n in names)}"
+        )
+    if cfg.num_malicious > 0 and cfg.attack == "none":
+        raise ConfigError(
+            f"key 'num-malicious' is {cfg.num_malicious} but key 'attack' is 'none'; "
+            f"allowed: an attack out of {list(names[1:])} when num-malicious > 0"
+        )
+    cls = Attack.registry.get(cfg.attack)
+    if cls is not None:
+        read_params(cls.options, cfg)
+
+
+def attack_params(cfg: RunConfig, *, num_clients: int, num_byzantine: int) -> dict[str, Any]:
+    """:func:`build_attack`'s parameters for ``cfg``'s attack: the keys it declares,
+    read from ``cfg`` (node config over run config for a deployed node), completed by
+    the attack for ``num_clients`` clients of which ``num_byzantine`` attack (ALIE's
+    default z). Empty for a data attack. A per-round seed is :func:`round_seed_param`'s.
+    """
+    check_attack_config(cfg)
+    cls = Attack.registry.get(cfg.attack)
+    if cls is None:
+        return {}
+    return cls.from_options(
+        read_params(cls.options, cfg), num_clients=num_clients, num_byzantine=num_byzantine
+    )
+
+
+def declared_options() -> tuple[Option, ...]:
+    """Every run-config key the registered attacks declare."""
+    return tuple(opt for cls in Attack.registry.values() for opt in cls.options)
+
+
+def round_seed_param(name: str, round_seed: int) -> dict[str, int]:
+    """``{"seed": round_seed}`` for an attack that draws randomness (it has a ``seed``
+    parameter: the same noise for every colluder of a round, fresh noise each round),
+    else ``{}``."""
+    cls = Attack.registry.get(name)
+    return {"seed": round_seed} if cls is not None and "seed" in cls.param_names else {}
 
 
 # --------------------------------------------------------------------------- #

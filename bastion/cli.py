@@ -9,7 +9,6 @@ it started, on success, on failure and on Ctrl-C.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import signal
 import subprocess
@@ -20,10 +19,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, get_args
 
+from attacks import attack_names
 from bastion.console import RoundPrinter, WallClock, final_table, plural, resume_command
 from bastion.federation import LocalFederation, ProcessStartError, failure_cause
+from bastion.preflight import app_defaults, check_rule_fits
 from common.config import ConfigError, RunConfig, format_overrides, parse_overrides
 from common.runlog import read_new_rows
+from server.run_config import all_keys, load_run_config
+from strategies.rules import Aggregator
 
 
 def find_app_dir(explicit: str | None = None) -> Path:
@@ -42,12 +45,6 @@ def find_app_dir(explicit: str | None = None) -> Path:
         + ", ".join(str(c) for c in candidates)
         + "; run from the Bastion checkout or pass --app DIR"
     )
-
-
-def app_defaults(app_dir: Path) -> dict[str, Any]:
-    """The run-config defaults of ``[tool.flwr.app.config]``."""
-    data = tomllib.loads((app_dir / "pyproject.toml").read_text())
-    return dict(data["tool"]["flwr"]["app"]["config"])
 
 
 def build_run_config(args: argparse.Namespace, app_dir: Path) -> tuple[RunConfig, dict[str, Any]]:
@@ -83,84 +80,9 @@ def build_run_config(args: argparse.Namespace, app_dir: Path) -> tuple[RunConfig
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:
         raise ConfigError(
-            f"run config: unknown key(s) {unknown}; known keys: {', '.join(RunConfig.keys())}"
+            f"run config: unknown key(s) {unknown}; known keys: {', '.join(all_keys())}"
         )
-    return RunConfig.from_flat(full), overrides
-
-
-def check_rule_fits(cfg: RunConfig, clients: int) -> str | None:
-    """Why the aggregation pipeline cannot run with ``clients`` replies, or ``None``.
-
-    Runs the configured pipeline once on random updates of the right count, so a
-    rule whose precondition fails (e.g. Krum after s-resampling needs
-    n >= 2 s f + 3) is reported before any process starts. The message names the
-    Byzantine count the rule gets after the pre-aggregation steps (s-resampling hands
-    on s f, bucketing shrinks n to ceil(n / s)) and the fewest clients that would do.
-    """
-    replies = max(1, int(clients * cfg.fraction_train))
-    problem = _pipeline_problem(cfg, replies)
-    if problem is None:
-        return None
-    message = (
-        f"aggregator {cfg.aggregator!r} with num-byzantine={cfg.num_byzantine} cannot run "
-        f"on {replies} replies per round: {problem}"
-    )
-    steps = _effective_byzantine(cfg, replies)
-    if steps and steps[-1][1:] != (replies, cfg.num_byzantine):
-        chain = ", ".join(f"after {name} n={n}, f={f}" for name, n, f in steps)
-        why = {
-            "resample": "s-resampling lets each Byzantine update reach s of the averaged "
-            "inputs, so the rule must tolerate s*f",
-            "bucket": "bucketing averages groups of s, so the rule sees ceil(n/s) inputs",
-        }
-        notes = "; ".join(why[name] for name, _, _ in steps if name in why)
-        message += (
-            f" (you set f={cfg.num_byzantine} for {replies} replies; the pre-aggregation "
-            f"steps change what the rule sees: {chain}" + (f"; {notes})" if notes else ")")
-        )
-    enough = next(
-        (n for n in range(replies + 1, 4 * replies + 64) if _pipeline_problem(cfg, n) is None),
-        None,
-    )
-    if enough is None:
-        return message + "; no client count up to 4x this one works: lower num-byzantine or s"
-    need = math.ceil(enough / cfg.fraction_train)
-    while int(need * cfg.fraction_train) < enough:  # int() rounds the sampled count down
-        need += 1
-    return message + f"; with these settings it needs at least {need} clients (--clients {need})"
-
-
-def _pipeline_problem(cfg: RunConfig, replies: int) -> str | None:
-    """The configured pipeline's complaint on ``replies`` random updates, or None."""
-    import torch
-
-    from strategies.rules.from_config import pipeline_from_config
-
-    try:
-        pipeline_from_config(cfg).aggregate(
-            torch.randn(replies, 4), num_byzantine=cfg.num_byzantine
-        )
-    except ValueError as exc:
-        return str(exc)
-    return None
-
-
-def _effective_byzantine(cfg: RunConfig, replies: int) -> list[tuple[str, int, int]]:
-    """(step name, outputs, Byzantine count it hands on) for each pre-aggregation step
-    on ``replies`` updates; empty when a step itself cannot run."""
-    import torch
-
-    from strategies.rules.from_config import pipeline_from_config
-
-    updates, f, out = torch.randn(replies, 4), cfg.num_byzantine, []
-    try:
-        for step in pipeline_from_config(cfg).preaggregators:
-            res = step(updates, num_byzantine=f)
-            updates, f = res.updates, res.num_byzantine
-            out.append((step.name, int(updates.shape[0]), f))
-    except ValueError:
-        return []
-    return out
+    return load_run_config(full), overrides
 
 
 def _fresh_run_dir(cfg: dict[str, Any]) -> Path:
@@ -648,7 +570,11 @@ def _default(key: str) -> Any:
 
 
 def _choices(key: str) -> str:
-    """``a | b | c``: the values run-config ``key`` allows, from its ``Literal`` type."""
+    """``a | b | c``: the values run-config ``key`` allows: the registered rules or
+    attacks, or the choices of its ``Literal`` type."""
+    named = {"aggregator": lambda: tuple(Aggregator.registry), "attack": attack_names}
+    if key in named:
+        return " | ".join(named[key]())
     return " | ".join(get_args(RunConfig.model_fields[key.replace("-", "_")].annotation))
 
 

@@ -61,7 +61,17 @@ from pathlib import Path
 from typing import Any
 
 from bastion import security
-from common.config import ConfigError, NodeConfig, format_overrides, parse_overrides
+from bastion.preflight import app_defaults, check_rule_fits
+from common.config import (
+    ConfigError,
+    NodeConfig,
+    RunConfig,
+    format_overrides,
+    node_may_set,
+    overlay,
+    parse_overrides,
+)
+from server.run_config import all_keys, check_run_config, load_run_config
 
 FLEET_PORT = 9092
 CONTROL_PORT = 9093
@@ -201,7 +211,9 @@ def claim_partition(slots_dir: Path, candidates: Sequence[int], owner: str) -> t
     )
 
 
-NODE_CONFIG_KEYS = frozenset(NodeConfig.keys())
+#: what a compose node's config may hold: the node's own keys, and the run-config keys
+#: a node may set for itself (its attack and DP settings, common.config.node_may_set)
+NODE_CONFIG_KEYS = frozenset(NodeConfig.keys()) | {k for k in all_keys() if node_may_set(k)}
 
 
 def node_config(
@@ -247,7 +259,8 @@ def node_config(
                 "(from BASTION_HONEST / BASTION_MALICIOUS); remove them"
             )
         cfg |= extra
-    NodeConfig.from_flat(cfg, source=f"node config of a {role} SuperNode")
+    node = NodeConfig.from_flat(cfg, source=f"node config of a {role} SuperNode")
+    check_run_config(overlay(RunConfig(), node))  # the attack's name and its keys' values
     return cfg
 
 
@@ -559,7 +572,6 @@ def runner_run_config(
     first, then any key from ``BASTION_RUN_CONFIG``; the first round waits for
     all ``num-partitions`` SuperNodes. ``output-dir`` is the runner's.
     """
-    from common.config import RunConfig
 
     overrides: dict[str, Any] = {
         "num-server-rounds": env_int(env, "BASTION_ROUNDS", 3, minimum=1),
@@ -582,9 +594,9 @@ def runner_run_config(
     if unknown:
         raise ConfigError(
             f"environment variable BASTION_RUN_CONFIG: unknown key(s) {unknown}; known keys: "
-            + ", ".join(RunConfig.keys())
+            + ", ".join(all_keys())
         )
-    RunConfig.from_flat(dict(defaults) | overrides)
+    load_run_config(dict(defaults) | overrides)
     return overrides
 
 
@@ -646,9 +658,7 @@ def _stream(
 
 def cmd_run(env: Mapping[str, str]) -> int:
     """The ``runner`` service: submit the app, wait for it, check its summary."""
-    from bastion.cli import app_defaults, check_rule_fits
     from bastion.console import final_table, plural
-    from common.config import RunConfig
     from common.rundir import record_outcome
     from common.runlog import read_jsonl
 
@@ -663,7 +673,7 @@ def cmd_run(env: Mapping[str, str]) -> int:
     name = run_name(env, str(overrides["dataset"]), results)
     out_dir = results / name
     overrides["output-dir"] = str(out_dir)
-    cfg = RunConfig.from_flat(dict(defaults) | overrides)
+    cfg = load_run_config(dict(defaults) | overrides)
     problem = check_rule_fits(cfg, layout.total)
     if problem:
         raise ConfigError(f"{problem}; change BASTION_AGGREGATOR / BASTION_NUM_BYZANTINE")

@@ -44,9 +44,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bastion.preflight import check_rule_fits
 from common.batch import write_batch
-from common.config import ConfigError, RunConfig
+from common.config import ConfigError
 from common.runlog import read_jsonl
+from server.run_config import load_run_config
 
 # run(cell overrides, output dir, number of clients) -> process exit code
 CellRunner = Callable[[dict[str, Any], Path, int], int]
@@ -130,7 +132,6 @@ def _product(axes: Mapping[str, Any]) -> Iterable[tuple[dict[str, str], dict[str
 def load_grid(path: str | Path) -> Grid:
     """Parse and validate a grid file; every cell's run config is checked up front,
     and cells whose rule cannot run with the grid's clients are marked infeasible."""
-    from bastion.cli import check_rule_fits
 
     data = tomllib.loads(Path(path).read_text())
     head = data.get("grid", {})
@@ -161,7 +162,7 @@ def load_grid(path: str | Path) -> Grid:
             full.setdefault("min-available-nodes", clients)
             full.setdefault("min-train-nodes", clients)
             try:
-                cfg = RunConfig.from_flat(full)
+                cfg = load_run_config(full)
             except ConfigError as exc:
                 raise ConfigError(f"grid cell {labels} ({group}): {exc}") from None
             # e.g. Bulyan after s = 2 resampling needs n >= 4 (2f) + 3: such a cell would

@@ -28,6 +28,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from attacks import check_attack_config
 from attacks.byzantine import label_flip
 from client.malformed import fuzzed_node_reply, malformed_node_reply
 from client.malicious import AttackPlan, apply_attack, resolve_plan
@@ -51,6 +52,7 @@ def _setup(context: Context, msg: Message) -> tuple[RunConfig, NodeConfig]:
         from common.batch import cell_run_config
 
         run = RunConfig.from_flat(cell_run_config(context.run_config, run.batch_file, cell))
+    check_attack_config(run)  # every node, honest or not, refuses an unknown attack
     node = NodeConfig.from_flat(context.node_config, source="node config")
     threads = int(os.environ.get("BASTION_TORCH_THREADS", "0") or 0)
     if threads > 0:

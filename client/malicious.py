@@ -26,19 +26,24 @@ strategy never reads it (only the diagnostics record it).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from attacks.byzantine import alie_z_max, build_attack
+from attacks.byzantine import (
+    DATA_ATTACKS,
+    Attack,
+    attack_names,
+    attack_params,
+    build_attack,
+    round_seed_param,
+)
 from attacks.selection import malicious_partitions
 from client.collusion import SharedDirectory
-from common.config import ConfigError, NodeConfig, RunConfig
-
-UPDATE_ATTACKS = ("ipm", "alie", "sign-flip", "gaussian", "mimic", "scaling")
+from common.config import ConfigError, NodeConfig, RunConfig, overlay
 
 
 @dataclass(frozen=True)
@@ -72,32 +77,29 @@ def resolve_plan(run: RunConfig, node: NodeConfig) -> AttackPlan | None:
         if node.partition_id not in chosen:
             return None
 
-    def pick(key: str) -> Any:
-        mine = getattr(node, key)
-        return getattr(run, key) if mine is None else mine
-
-    attack = pick("attack")
+    mine = overlay(run, node)  # the node's own attack keys win over the run's
+    attack = mine.attack
     if attack == "none":
         raise ConfigError(
             "node config key 'role': value 'malicious' needs an attack; set node config or "
-            f"run config key 'attack' to one of {[*UPDATE_ATTACKS, 'label-flip']}"
+            f"run config key 'attack' to one of {list(attack_names()[1:])}"
         )
     colluders = node.num_colluders or max(run.num_malicious, 1)
-    params = attack_params(attack, pick, num_clients=node.num_partitions, num_byzantine=colluders)
+    params = attack_params(mine, num_clients=node.num_partitions, num_byzantine=colluders)
     plan = AttackPlan(
         attack=attack,
         params=params,
-        knowledge=pick("attack_knowledge"),
-        data=pick("attack_data"),
+        knowledge=mine.attack_knowledge,
+        data=mine.attack_data,
         colluders=colluders,
-        collusion_dir=pick("collusion_dir"),
+        collusion_dir=mine.collusion_dir,
         collusion_timeout=run.collusion_timeout,
     )
     if (
         plan.knowledge == "collude"
         and plan.colluders > 1
         and not plan.collusion_dir
-        and attack in UPDATE_ATTACKS
+        and attack in Attack.registry
     ):
         raise ConfigError(
             f"key 'collusion-dir': value '' is not allowed with attack-knowledge='collude' and "
@@ -105,30 +107,6 @@ def resolve_plan(run: RunConfig, node: NodeConfig) -> AttackPlan | None:
             "(bastion run and bastion simulate set one), or attack-knowledge='own'"
         )
     return plan
-
-
-def attack_params(
-    attack: str, value: Callable[[str], Any], *, num_clients: int, num_byzantine: int
-) -> dict[str, Any]:
-    """``build_attack``'s parameters for ``attack`` from the config keys ``attack-*``.
-
-    ``value(field)`` reads a :class:`~common.config.RunConfig` field (node config
-    over run config for a deployed node). ``attack-z = 0`` (the default) means
-    Baruch et al.'s z_max for ``num_clients`` and ``num_byzantine``. Gaussian's seed
-    is per round and added by the caller.
-    """
-    if attack == "ipm":
-        return {"epsilon": value("attack_epsilon")}
-    if attack == "alie":
-        z = value("attack_z")
-        return {"z": z if z != 0 else alie_z_max(num_clients, num_byzantine)}
-    if attack == "gaussian":
-        return {"sigma": value("attack_sigma")}
-    if attack == "mimic":
-        return {"target": value("attack_target")}
-    if attack == "scaling":
-        return {"scale": value("attack_scale")}
-    return {}
 
 
 @dataclass(frozen=True)
@@ -155,7 +133,7 @@ def craft_update(
     ``label-flip`` and the omniscient mode send ``own`` unchanged (the poisoning
     already happened in training, or the server's research hook replaces it).
     """
-    if plan.attack not in UPDATE_ATTACKS or plan.knowledge == "omniscient":
+    if plan.attack in DATA_ATTACKS or plan.knowledge == "omniscient":
         return Crafted(own, 1, 1)
     known, seen = own[None, :], 1
     if plan.knowledge == "collude" and plan.colluders > 1:
@@ -167,11 +145,8 @@ def craft_update(
         )
         exchange = channel.exchange(server_round, partition_id, own)
         known, seen = exchange.updates, len(exchange.partition_ids)
-    params = dict(plan.params)
-    if plan.attack == "gaussian":
-        # the same noise for every colluder in a round, fresh noise every round
-        params["seed"] = round_seed
-    attack = build_attack(plan.attack, **params)
+    # an attack that draws noise: the same for every colluder of a round, fresh each round
+    attack = build_attack(plan.attack, **plan.params, **round_seed_param(plan.attack, round_seed))
     return Crafted(attack(known), int(known.shape[0]), seen)
 
 

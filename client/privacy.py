@@ -49,14 +49,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from logging import WARNING
 from pathlib import Path
-from typing import Any
 
 import torch
 from flwr.app import Error, Message
 from flwr.common import log
 
 from common import protocol
-from common.config import ConfigError, NodeConfig, RunConfig, TrainInstructions
+from common.config import ConfigError, NodeConfig, RunConfig, TrainInstructions, overlay
 from task.datasets import ArrayDataset
 from task.training import DPTrainResult, dp_num_steps, dp_sample_rate, train_local_dp
 
@@ -102,23 +101,20 @@ class DPSettings:
 def resolve_dp(run: RunConfig, node: NodeConfig) -> DPSettings | None:
     """This node's DP settings, or ``None`` when it trains without DP.
 
-    Every ``dp-*`` key of the node config that is set wins over the run config's.
+    Every ``dp-*`` key of the node config that is set wins over the run config's
+    (:func:`common.config.overlay`).
     """
-
-    def pick(key: str) -> Any:
-        mine = getattr(node, key)
-        return getattr(run, key) if mine is None else mine
-
-    if not pick("dp"):
+    mine = overlay(run, node)
+    if not mine.dp:
         return None
     settings = DPSettings(
-        noise_multiplier=pick("dp_noise_multiplier"),
-        target_epsilon=pick("dp_target_epsilon"),
-        delta=pick("dp_delta"),
-        max_grad_norm=pick("dp_max_grad_norm"),
-        max_epsilon=pick("dp_max_epsilon"),
-        budget_action=pick("dp_budget_action"),
-        grad_sample_mode=pick("dp_grad_sample_mode"),
+        noise_multiplier=mine.dp_noise_multiplier,
+        target_epsilon=mine.dp_target_epsilon,
+        delta=mine.dp_delta,
+        max_grad_norm=mine.dp_max_grad_norm,
+        max_epsilon=mine.dp_max_epsilon,
+        budget_action=mine.dp_budget_action,
+        grad_sample_mode=mine.dp_grad_sample_mode,
     )
     if 0 < settings.max_epsilon < settings.target_epsilon:
         raise ConfigError(

@@ -6,6 +6,18 @@ kebab-case keys (``num-server-rounds``, ``lr``, ...), with the defaults from
 overrides on top. :class:`RunConfig` validates that mapping once; every error
 names the key, the value given and what is allowed (:class:`ConfigError`).
 
+The keys of the run itself are :class:`RunConfig`'s fields. The names of the rule
+(``aggregator``) and of the attack (``attack``), and the keys that only one rule,
+pre-aggregation step or attack reads (``cc-tau``, ``attack-epsilon``, ...), belong to
+those components: each declares them on its class (:class:`common.options.Option`),
+and they are checked where the components are known (:mod:`server.run_config` for
+the whole run, :mod:`attacks` on a node). RunConfig keeps such keys as they come
+(:meth:`RunConfig.value`).
+
+A node's own config (:class:`NodeConfig`) may set the run-config keys of its attack
+and of its differential privacy for itself (:func:`node_may_set`); :func:`overlay`
+is the one place where node config wins over run config.
+
 The same model is used by ``bastion run`` (to fail before any process starts),
 by the ServerApp and by the ClientApp (for the data settings), so the three can
 never disagree about what a key means.
@@ -16,23 +28,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 DatasetName = Literal["digits", "fashion-mnist", "mnist", "cifar10"]
 PartitionerName = Literal["iid", "dirichlet", "label-sorted", "pathological"]
-AggregatorName = Literal[
-    "mean",
-    "median",
-    "trimmed-mean",
-    "krum",
-    "multi-krum",
-    "geometric-median",
-    "bulyan",
-    "centered-clipping",
-]
-AttackName = Literal[
-    "none", "ipm", "alie", "sign-flip", "label-flip", "gaussian", "mimic", "scaling"
-]
 AttackKnowledge = Literal["own", "collude", "omniscient"]
 AttackData = Literal["own", "full"]
 DPBudgetAction = Literal["stop", "warn"]
@@ -49,20 +48,32 @@ def _kebab(name: str) -> str:
     return name.replace("_", "-")
 
 
+def _snake(name: str) -> str:
+    return name.replace("-", "_")
+
+
 class _FlatModel(BaseModel):
     """A pydantic model read from and written to Flower's flat kebab-case keys."""
 
     model_config = ConfigDict(
         extra="forbid", alias_generator=_kebab, populate_by_name=True, frozen=True
     )
+    _source: str = PrivateAttr("run config")
 
     @classmethod
     def from_flat(cls, values: Mapping[str, Any], *, source: str = "run config") -> _FlatModel:
         """Validate a flat mapping, raising :class:`ConfigError` with one line per problem."""
         try:
-            return cls.model_validate(dict(values))
+            obj = cls.model_validate(dict(values))
         except ValidationError as exc:
-            raise ConfigError(_format_errors(exc, values, source)) from None
+            raise ConfigError(_format_errors(exc, values, source, cls)) from None
+        obj._source = source
+        return obj
+
+    @property
+    def source(self) -> str:
+        """Where the values came from, as error messages name it (``run config``)."""
+        return self._source
 
     def to_flat(self) -> dict[str, Any]:
         """Return the kebab-case mapping Flower uses (``--run-config`` syntax)."""
@@ -77,8 +88,8 @@ class _FlatModel(BaseModel):
 def _allowed(model: type[BaseModel], key: str) -> str:
     """Describe what a field accepts, for error messages."""
     field = model.model_fields.get(key.replace("-", "_"))
-    if field is None:
-        return "one of the known keys: " + ", ".join(sorted(_kebab(k) for k in model.model_fields))
+    if field is None:  # a key of a component (common.options), kept as it came
+        return "a bool, an int, a float or a string"
     choices = get_args(field.annotation)
     if choices and all(isinstance(c, str) for c in choices):
         return "one of " + ", ".join(repr(c) for c in choices)
@@ -92,24 +103,28 @@ def _allowed(model: type[BaseModel], key: str) -> str:
     return f"{kind} {' and '.join(bounds)}".strip()
 
 
-def _format_errors(exc: ValidationError, values: Mapping[str, Any], source: str) -> str:
+def _format_errors(
+    exc: ValidationError, values: Mapping[str, Any], source: str, cls: type[_FlatModel]
+) -> str:
     lines = []
-    model = exc.title
-    cls = _MODELS.get(model)
+    seen: set[str] = set()
     for err in exc.errors():
         loc = err.get("loc") or ()
         key = str(loc[0]) if loc else ""
+        if key and key in seen:  # a key outside the fields fails each scalar type once
+            continue
+        seen.add(key)
         if not key:  # a model-level rule: the message names its keys
             lines.append(f"{source}: {err['msg'].removeprefix('Value error, ')}")
             continue
         if err["type"] == "extra_forbidden":
-            allowed = ", ".join(cls.keys()) if cls else "the documented keys"
+            allowed = ", ".join(cls.keys())
             lines.append(
                 f"{source}: unknown key {key!r} (value {err['input']!r}); known keys: {allowed}"
             )
             continue
         value = values.get(key, values.get(key.replace("-", "_"), "<missing>"))
-        what = _allowed(cls, key) if cls else ""
+        what = _allowed(cls, key)
         # pydantic's own message for a Literal repeats the choices that `what` lists
         why = "" if err["type"] == "literal_error" else f" ({err['msg']})"
         lines.append(f"{source} key {key!r}: value {value!r} is not allowed{why}; allowed: {what}")
@@ -117,12 +132,19 @@ def _format_errors(exc: ValidationError, values: Mapping[str, Any], source: str)
 
 
 class RunConfig(_FlatModel):
-    """Every run-config key of a Bastion run (defaults mirror ``pyproject.toml``).
+    """The run-config keys of a Bastion run (defaults mirror ``pyproject.toml``), and
+    the keys its components declare (:mod:`common.options`), kept as they came.
 
     Training hyper-parameters travel to the clients in each round's
     ``ConfigRecord`` (so the server stays in control of them); the data settings
     (dataset, partitioner, seed) are read by each ClientApp from the run config.
     """
+
+    model_config = ConfigDict(
+        extra="allow", alias_generator=_kebab, populate_by_name=True, frozen=True
+    )
+    # the keys of rules, pre-aggregation steps and attacks: scalars, as in any run config
+    __pydantic_extra__: dict[str, bool | int | float | str] = Field(init=False)
 
     num_server_rounds: int = Field(3, ge=1, le=100_000)
     seed: int = Field(0, ge=0, le=2**31 - 1)
@@ -138,18 +160,10 @@ class RunConfig(_FlatModel):
     local_epochs: int = Field(5, ge=0, le=10_000)
     local_steps: int = Field(0, ge=0, le=10_000_000)
     batch_size: int = Field(32, ge=1, le=1_000_000)
-    aggregator: AggregatorName = "mean"
+    # the aggregation rule (strategies.rules: AGGREGATORS); its own keys and the
+    # pre-aggregation steps' are declared on their classes
+    aggregator: str = "mean"
     num_byzantine: int = Field(0, ge=0, le=100_000)
-    clip_norm: float = Field(0.0, ge=0)
-    nnm: bool = False
-    bucketing_s: int = Field(0, ge=0, le=100_000)
-    resampling_s: int = Field(0, ge=0, le=100_000)
-    multi_krum_m: int = Field(0, ge=0, le=100_000)
-    gm_max_iter: int = Field(100, ge=1, le=100_000)
-    gm_nu: float = Field(1e-6, gt=0)
-    gm_tol: float = Field(1e-10, ge=0)
-    cc_tau: float = Field(10.0, gt=0)
-    cc_iterations: int = Field(1, ge=1, le=1000)
     server_lr: float = Field(1.0, gt=0, le=100)
     server_momentum: float = Field(0.0, ge=0, lt=1)
     fraction_train: float = Field(1.0, gt=0, le=1)
@@ -170,12 +184,9 @@ class RunConfig(_FlatModel):
     # seeded rule (attacks.selection.malicious_partitions); node configs with
     # role="malicious" are the other way to make a node an attacker.
     num_malicious: int = Field(0, ge=0, le=100_000)
-    attack: AttackName = "none"
-    attack_epsilon: float = Field(0.1, ge=-1e6, le=1e6)
-    attack_z: float = Field(0.0, ge=-1e3, le=1e3)
-    attack_sigma: float = Field(200.0, gt=0, le=1e12)
-    attack_scale: float = Field(10.0, ge=-1e6, le=1e6)
-    attack_target: int = Field(0, ge=0)
+    # "none", or an attack of attacks.ATTACKS; its own keys (attack-epsilon, ...) are
+    # declared on its class
+    attack: str = "none"
     attack_knowledge: AttackKnowledge = "collude"
     attack_data: AttackData = "own"
     collusion_dir: str = ""
@@ -224,6 +235,32 @@ class RunConfig(_FlatModel):
     # the run starts from round 1
     resume: bool = False
 
+    @model_validator(mode="before")
+    @classmethod
+    def _snake_extra_keys(cls, values: Any) -> Any:
+        """Keep a component key under its Python name (``cc-tau`` as ``cc_tau``), so it
+        reads like a field (``cfg.cc_tau``); :meth:`to_flat` writes it kebab-case."""
+        if not isinstance(values, Mapping):
+            return values
+        fields = set(cls.model_fields) | set(cls.keys())
+        return {(k if k in fields else _snake(str(k))): v for k, v in values.items()}
+
+    def to_flat(self) -> dict[str, Any]:
+        """Return the kebab-case mapping Flower uses, component keys included."""
+        return {_kebab(k): v for k, v in self.model_dump(by_alias=True).items()}
+
+    def value(self, key: str, default: Any = None) -> Any:
+        """The value of run-config ``key``: a field's, or a component key's as it came
+        (``default`` when the run config does not set it)."""
+        name = _snake(key)
+        if name in type(self).model_fields:
+            return getattr(self, name)
+        return (self.model_extra or {}).get(name, default)
+
+    def extra_keys(self) -> list[str]:
+        """The component keys this run config sets (not RunConfig's own fields)."""
+        return [_kebab(k) for k in self.model_extra or {}]
+
     @model_validator(mode="after")
     def _check_combinations(self) -> RunConfig:
         if self.resume and self.batch_file:
@@ -235,18 +272,6 @@ class RunConfig(_FlatModel):
             raise ValueError(
                 "keys 'local-epochs' and 'local-steps' are both 0; set local-epochs >= 1 "
                 "or local-steps >= 1 (local-steps > 0 takes precedence)"
-            )
-        if self.bucketing_s > 0 and self.resampling_s > 0:
-            raise ValueError(
-                f"keys 'bucketing-s' ({self.bucketing_s}) and 'resampling-s' "
-                f"({self.resampling_s}) are both set; allowed: at most one of them > 0 "
-                "(both regroup the updates into means of s; chaining them has no use)"
-            )
-        if self.num_malicious > 0 and self.attack == "none":
-            raise ValueError(
-                f"key 'num-malicious' is {self.num_malicious} but key 'attack' is 'none'; "
-                f"allowed: an attack out of {list(get_args(AttackName))[1:]} when "
-                "num-malicious > 0"
             )
         if self.min_train_nodes > self.min_available_nodes:
             raise ValueError(
@@ -307,11 +332,25 @@ class TrainInstructions(_FlatModel):
         }
 
 
+#: run-config keys a node's own config may set for itself: its attack and its DP
+#: settings (:func:`node_may_set`, :func:`overlay`)
+NODE_SETTABLE = ("attack", "collusion-dir", "dp")
+
+
+def node_may_set(key: str) -> bool:
+    """True for a run-config key a node's config may set for that node alone:
+    ``attack``, ``attack-*``, ``collusion-dir``, ``dp`` and ``dp-*``."""
+    return key in NODE_SETTABLE or key.startswith(("attack-", "dp-"))
+
+
 class NodeConfig(_FlatModel):
     """A SuperNode's own settings (``flower-supernode --node-config``).
 
     ``data-dir`` lets each host point at its own copy of the data; an empty value
-    falls back to the run config's ``data-dir``.
+    falls back to the run config's ``data-dir``. Run-config keys the node may set for
+    itself (:func:`node_may_set`: its attack, its DP settings) are kept in
+    :attr:`overrides`, checked against RunConfig's bounds here and laid over the run
+    config by :func:`overlay`; other keys are ignored.
     """
 
     model_config = ConfigDict(
@@ -322,35 +361,36 @@ class NodeConfig(_FlatModel):
     num_partitions: int = Field(ge=1)
     data_dir: str = ""
     # A node can be made malicious by its own config (docker-compose, real
-    # deployments); unset keys fall back to the run config.
+    # deployments); its attack keys fall back to the run config's.
     role: Literal["", "honest", "malicious", "malformed", "fuzz"] = ""
-    attack: AttackName | None = None
-    attack_epsilon: float | None = Field(None, ge=-1e6, le=1e6)
-    attack_z: float | None = Field(None, ge=-1e3, le=1e3)
-    attack_sigma: float | None = Field(None, gt=0, le=1e12)
-    attack_scale: float | None = Field(None, ge=-1e6, le=1e6)
-    attack_target: int | None = Field(None, ge=0)
-    attack_knowledge: AttackKnowledge | None = None
-    attack_data: AttackData | None = None
-    collusion_dir: str | None = None
     num_colluders: int | None = Field(None, ge=1, le=100_000)
-    # A node's own differential-privacy settings (client.privacy); unset keys fall
-    # back to the run config. state-dir keeps the node's privacy ledger across
-    # SuperNode restarts (unset: $BASTION_STATE_DIR, else <cache dir>/state).
-    dp: bool | None = None
-    dp_noise_multiplier: float | None = Field(None, ge=0, le=1e6)
-    dp_target_epsilon: float | None = Field(None, ge=0, le=1e6)
-    dp_delta: float | None = Field(None, gt=0, lt=1)
-    dp_max_grad_norm: float | None = Field(None, gt=0, le=1e6)
-    dp_max_epsilon: float | None = Field(None, ge=0, le=1e6)
-    dp_budget_action: DPBudgetAction | None = None
-    dp_grad_sample_mode: GradSampleMode | None = None
+    # state-dir keeps the node's DP privacy ledger across SuperNode restarts (unset:
+    # $BASTION_STATE_DIR, else <cache dir>/state; client.privacy)
     state_dir: str | None = None
     # role="fuzz" (client.malformed): trains honestly, sends its reply with one .npy
     # header byte-mutated each round.
     # role="malformed" (client.malformed): the kinds of malformed reply this node sends,
     # comma-separated, one per round by a documented rule; unset: the whole corpus
     malformed_kinds: str | None = None
+    #: the run-config keys this node sets for itself (kebab-case), see :func:`overlay`
+    overrides: dict[str, bool | int | float | str] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _collect_overrides(cls, values: Any) -> Any:
+        """Move the run-config keys a node may set into ``overrides``, checked with
+        RunConfig's own types and bounds (component keys such as ``attack-epsilon``
+        are checked by the component that reads them)."""
+        if not isinstance(values, Mapping):
+            return values
+        own = {k: v for k, v in values.items() if not node_may_set(_kebab(str(k)))}
+        mine = {_kebab(str(k)): v for k, v in values.items() if node_may_set(_kebab(str(k)))}
+        fields = set(RunConfig.keys())
+        try:
+            RunConfig.model_validate({k: v for k, v in mine.items() if k in fields})
+        except ValidationError as exc:
+            raise ValueError(_format_errors(exc, mine, "node config", RunConfig)) from None
+        return own | {"overrides": dict(values.get("overrides", {})) | mine}
 
     @model_validator(mode="after")
     def _check_partition(self) -> NodeConfig:
@@ -361,12 +401,28 @@ class NodeConfig(_FlatModel):
             )
         return self
 
+    @classmethod
+    def keys(cls) -> list[str]:
+        """The node's own keys (the run-config keys it may set are :func:`node_may_set`'s)."""
+        return [_kebab(name) for name in cls.model_fields if name != "overrides"]
 
-_MODELS: dict[str, type[_FlatModel]] = {
-    "RunConfig": RunConfig,
-    "TrainInstructions": TrainInstructions,
-    "NodeConfig": NodeConfig,
-}
+    def sets(self, key: str) -> bool:
+        """True when this node's config sets run-config ``key`` for itself."""
+        return key in self.overrides
+
+
+def overlay(run: RunConfig, node: NodeConfig) -> RunConfig:
+    """The run config as ``node`` sees it: every run-config key the node's config sets
+    for itself (:func:`node_may_set`) replaces the run config's value.
+
+    Combinations are checked again over the result (e.g. ``dp-target-epsilon`` <=
+    ``dp-max-epsilon``); errors name the node config as their source.
+    """
+    if not node.overrides:
+        return run
+    return RunConfig.from_flat(
+        run.to_flat() | node.overrides, source="node config (over run config)"
+    )
 
 
 def parse_overrides(text: str) -> dict[str, Any]:

@@ -20,8 +20,7 @@ import torch
 from flwr.app import ArrayRecord, Message
 from flwr.serverapp import Grid
 
-from attacks.byzantine import build_attack
-from client.malicious import attack_params
+from attacks.byzantine import DATA_ATTACKS, attack_params, build_attack, round_seed_param
 from common import protocol
 from common.config import RunConfig
 from strategies.layout import ModelLayout
@@ -58,14 +57,10 @@ class OmniscientAdversary:
 
     def _params(self, num_replies: int, num_malicious: int, round_seed: int) -> dict[str, Any]:
         params = attack_params(
-            self.cfg.attack,
-            lambda field: getattr(self.cfg, field),
-            num_clients=num_replies,
-            num_byzantine=max(num_malicious, 1),
+            self.cfg, num_clients=num_replies, num_byzantine=max(num_malicious, 1)
         )
-        if self.cfg.attack == "gaussian":
-            params["seed"] = round_seed  # the same noise for every attacker of a round
-        return params
+        # an attack that draws noise: the same for every attacker of a round
+        return params | round_seed_param(self.cfg.attack, round_seed)
 
     def tamper(self, replies: list[Message], global_arrays: ArrayRecord, round_seed: int) -> int:
         """Rewrite, in place, the update of every well-formed reply flagged malicious.
@@ -75,7 +70,7 @@ class OmniscientAdversary:
         attack is a data attack such as label flip, or when no usable honest reply
         exists).
         """
-        if self.cfg.attack in ("none", "label-flip"):
+        if self.cfg.attack == "none" or self.cfg.attack in DATA_ATTACKS:
             return 0
         layout = ModelLayout.of(global_arrays)
         honest: list[tuple[int, Message]] = []

@@ -31,6 +31,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
+from common.options import Option
 from strategies.rules import _kernels as K
 
 __all__ = [
@@ -123,10 +124,32 @@ def _cpu64(t: Tensor) -> Tensor:
 # Base classes                                                                 #
 # --------------------------------------------------------------------------- #
 class NamedStep:
-    """What aggregators and pre-aggregators share: a name, build parameters for
-    ``repr``, and (empty by default) checkpointable state."""
+    """What aggregators and pre-aggregators share: a name, the run-config keys they
+    read, build parameters for ``repr``, and (empty by default) checkpointable state.
+
+    A concrete step declares ``name`` and ``options`` once, on its class; defining the
+    class registers it in its family's :attr:`registry` (:class:`Aggregator`,
+    :class:`~strategies.rules.preaggregators.PreAggregator`), from which the names the
+    run config allows, ``build_aggregator`` / ``build_preaggregator`` and the mapping
+    from run config to parameters (:mod:`strategies.rules.from_config`) all derive.
+    """
 
     name: ClassVar[str] = "step"
+    #: the run-config keys the step reads and the parameters they feed
+    options: ClassVar[tuple[Option, ...]] = ()
+    #: concrete steps of a family by name, in the order their classes are defined
+    registry: ClassVar[dict[str, type[NamedStep]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "registry" in cls.__dict__:  # a family's base class: a registry of its own
+            return
+        if "name" in cls.__dict__:  # a concrete step (helpers such as _GroupsOfS have none)
+            if cls.name in cls.registry:
+                raise TypeError(
+                    f"step name {cls.name!r} is already taken by {cls.registry[cls.name]}"
+                )
+            cls.registry[cls.name] = cls
 
     def state_dict(self) -> dict[str, Any]:
         """Checkpointable state (empty for stateless steps)."""
@@ -151,6 +174,7 @@ class Aggregator(NamedStep):
     (empty) state. Subclasses implement :meth:`_aggregate`."""
 
     name: ClassVar[str] = "aggregator"
+    registry: ClassVar[dict[str, type[NamedStep]]] = {}
     #: whether the rule cannot run without ``f``
     needs_num_byzantine: ClassVar[bool] = False
     #: whether ``f`` is checked against the breakdown point ``n > 2f``
@@ -348,6 +372,17 @@ class MultiKrum(Aggregator):
 
     name = "multi-krum"
     needs_num_byzantine = True
+    options = (
+        Option(
+            "multi-krum-m",
+            param="m",
+            default=0,
+            ge=0,
+            le=100_000,
+            off=0,
+            help="rows Multi-Krum averages (0: n - f)",
+        ),
+    )
 
     def __init__(self, *, num_byzantine: int | None = None, m: int | None = None) -> None:
         super().__init__(num_byzantine=num_byzantine)
@@ -440,6 +475,11 @@ class GeometricMedian(Aggregator):
 
     name = "geometric-median"
     majority_rule = True
+    options = (
+        Option("gm-max-iter", param="max_iter", default=100, ge=1, le=100_000),
+        Option("gm-nu", param="nu", default=1e-6, gt=0, help="smoothing of Weiszfeld's step"),
+        Option("gm-tol", param="tol", default=1e-10, ge=0, help="stopping tolerance"),
+    )
 
     def __init__(
         self,
@@ -531,6 +571,10 @@ class CenteredClipping(Aggregator):
 
     name = "centered-clipping"
     majority_rule = True
+    options = (
+        Option("cc-tau", param="tau", default=10.0, gt=0, help="clipping radius"),
+        Option("cc-iterations", param="iterations", default=1, ge=1, le=1000),
+    )
 
     def __init__(
         self, *, num_byzantine: int | None = None, tau: float = 10.0, iterations: int = 1

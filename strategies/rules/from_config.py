@@ -9,11 +9,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from strategies.rules.registry import Pipeline, build_aggregator, build_preaggregator, compose
+from common.config import ConfigError, RunConfig
+from common.options import Option, read_params
+from strategies.rules.aggregators import Aggregator
+from strategies.rules.preaggregators import PreAggregator
+from strategies.rules.registry import (
+    Pipeline,
+    aggregator_class,
+    build_aggregator,
+    compose,
+    preaggregator_classes,
+)
 from strategies.rules.reputation import Reputation, ReputationConfig
 
 
-def reputation_from_config(cfg: Any) -> Reputation:
+def reputation_from_config(cfg: RunConfig) -> Reputation:
     """A :class:`~strategies.rules.reputation.Reputation` from a :class:`common.config.RunConfig`
     (``quarantine-max = -1`` caps quarantine at ``num-byzantine``, none when that is 0)."""
     cap = cfg.quarantine_max
@@ -33,26 +43,48 @@ def reputation_from_config(cfg: Any) -> Reputation:
     )
 
 
-def pipeline_from_config(cfg: Any) -> Pipeline:
-    """Build the pre-aggregation steps and the rule from a :class:`common.config.RunConfig`.
+def pipeline_from_config(cfg: RunConfig) -> Pipeline:
+    """Build the pre-aggregation steps and the rule that ``cfg`` names.
 
-    Step order: ``clip`` (``clip-norm`` > 0), ``nnm`` (``nnm = true``), then
-    ``bucket`` (``bucketing-s`` > 0) or ``resample`` (``resampling-s`` > 0).
+    Each step whose switch (its first declared option: ``clip-norm`` > 0, ``nnm``,
+    ``bucketing-s`` > 0, ``resampling-s`` > 0) is on joins the pipeline, in registry
+    order (clip, nnm, then resample or bucket); the rule is ``aggregator``. Every
+    parameter comes from the keys the class declares (:mod:`common.options`).
+    Raises :class:`ConfigError` naming the key, the value and what is allowed.
     """
     steps = []
-    if cfg.clip_norm > 0:
-        steps.append(build_preaggregator("clip", max_norm=cfg.clip_norm))
-    if cfg.nnm:
-        steps.append(build_preaggregator("nnm"))
-    if cfg.bucketing_s > 0:
-        steps.append(build_preaggregator("bucket", s=cfg.bucketing_s, seed=cfg.seed))
-    if cfg.resampling_s > 0:
-        steps.append(build_preaggregator("resample", s=cfg.resampling_s, seed=cfg.seed))
-    params: dict[str, Any] = {}
-    if cfg.aggregator == "multi-krum" and cfg.multi_krum_m > 0:
-        params["m"] = cfg.multi_krum_m
-    elif cfg.aggregator == "geometric-median":
-        params |= {"max_iter": cfg.gm_max_iter, "nu": cfg.gm_nu, "tol": cfg.gm_tol}
-    elif cfg.aggregator == "centered-clipping":
-        params |= {"tau": cfg.cc_tau, "iterations": cfg.cc_iterations}
-    return compose(steps, build_aggregator(cfg.aggregator, **params))
+    for cls in preaggregator_classes():
+        switch = cls.options[0]
+        if not switch.is_off(switch.read(cfg)):
+            steps.append(cls(**read_params(cls.options, cfg)))
+    regrouping = [s for s in steps if s.regroups]
+    if len(regrouping) > 1:
+        keys = [type(s).options[0] for s in regrouping]
+        raise ConfigError(
+            " and ".join(f"key {o.key!r} ({o.read(cfg)})" for o in keys)
+            + " are set together; allowed: at most one of them > 0 (each regroups the updates "
+            "into means of s; chaining them has no use)"
+        )
+    return compose(steps, build_aggregator(cfg.aggregator, **rule_params(cfg)))
+
+
+def rule_params(cfg: RunConfig) -> dict[str, Any]:
+    """The keyword parameters of ``cfg``'s rule, from the keys the rule declares."""
+    try:
+        cls = aggregator_class(cfg.aggregator)
+    except ValueError:
+        raise ConfigError(
+            f"{cfg.source} key 'aggregator': value {cfg.aggregator!r} is not allowed; "
+            f"allowed: one of {', '.join(repr(n) for n in _aggregator_names())}"
+        ) from None
+    return read_params(cls.options, cfg)
+
+
+def _aggregator_names() -> list[str]:
+    return [*Aggregator.registry]
+
+
+def declared_options() -> tuple[Option, ...]:
+    """Every run-config key the registered rules and pre-aggregation steps declare."""
+    classes = [*Aggregator.registry.values(), *PreAggregator.registry.values()]
+    return tuple(opt for cls in classes for opt in cls.options)

@@ -32,6 +32,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
+from common.options import Option
 from strategies.rules import _kernels as K
 from strategies.rules.aggregators import NamedStep, _positive, check_num_byzantine, validate_updates
 
@@ -60,9 +61,18 @@ class PreAggregationOutput(NamedTuple):
 
 
 class PreAggregator(NamedStep):
-    """Base class: input and ``f`` validation, ``no_grad``, (empty) state."""
+    """Base class: input and ``f`` validation, ``no_grad``, (empty) state.
+
+    A step's first option is its switch: the run config puts the step in the pipeline
+    when that key is not off (``clip-norm`` > 0, ``nnm`` true, ``bucketing-s`` > 0,
+    ...). Enabled steps run in :attr:`registry` order, which is the order their classes
+    are defined in this module: clip, nnm, then resample or bucket.
+    """
 
     name: ClassVar[str] = "pre-aggregator"
+    registry: ClassVar[dict[str, type[NamedStep]]] = {}
+    #: whether the step regroups the updates into means (at most one such step runs)
+    regroups: ClassVar[bool] = False
 
     def __call__(self, x: Tensor, *, num_byzantine: int) -> PreAggregationOutput:
         """Apply the step to the rows of ``x`` given ``f = num_byzantine``."""
@@ -101,6 +111,8 @@ class _Randomized(PreAggregator):
 class _GroupsOfS(_Randomized):
     """A randomized step that averages inputs in groups of ``s`` (resample, bucket)."""
 
+    regroups = True
+
     def __init__(self, *, s: int = 2, seed: int = 0) -> None:
         super().__init__(seed=seed)
         self.s = _positive(self.name, "s", s, integer=True)
@@ -122,6 +134,16 @@ class Clip(PreAggregator):
     """
 
     name = "clip"
+    options = (
+        Option(
+            "clip-norm",
+            param="max_norm",
+            default=0.0,
+            ge=0,
+            off=0.0,
+            help="clip each update to this L2 norm before the rule (0: off)",
+        ),
+    )
 
     def __init__(self, *, max_norm: float) -> None:
         self.max_norm = float(_positive(self.name, "max_norm", max_norm))
@@ -137,6 +159,41 @@ class Clip(PreAggregator):
         scale = torch.where(norms > self.max_norm, self.max_norm / norms.clamp(min=1e-300), 1.0)
         out = x * scale.to(device=x.device, dtype=x.dtype)[:, None]
         return PreAggregationOutput(out, f, torch.diag(scale))
+
+
+class NearestNeighborMixing(PreAggregator):
+    """Nearest-Neighbour Mixing, NNM (Allouah, Farhadkhani, Guerraoui, Gupta,
+    Pinot & Stephan, "Fixing by Mixing: A Recipe for Optimal Byzantine ML
+    under Heterogeneity", AISTATS 2023, Algorithm 1).
+
+    Output ``i`` is the mean of the ``n - f`` inputs nearest to ``x_i`` in
+    Euclidean distance, ``x_i`` itself included (it is always first; other
+    ties go to the lower index). Distances come from the mean-centred float64
+    Gram matrix.
+
+    The count handed on stays ``f``: an output built around a Byzantine
+    input can be anything, but an output around an honest input averages
+    ``n - f`` inputs of which at most ``f`` are Byzantine and all lie no
+    farther from ``x_i`` than its ``(n - f)``-th honest neighbour, and the
+    paper's guarantee (``F o NNM`` is ``(f, O(kappa))``-robust when ``F`` is
+    ``(f, kappa)``-robust) is stated for the next rule run with the same
+    ``f``. Requires ``n > 2f``.
+    """
+
+    name = "nnm"
+    options = (Option("nnm", default=False, off=False, help="nearest-neighbour mixing"),)
+
+    def _apply(self, x, f):
+        n = x.shape[0]
+        if not n > 2 * f:
+            raise ValueError(f"nnm needs n > 2f, got n={n}, f={f}")
+        dist = K.sq_dists_from_gram(K.centered_gram(x, self.name)).to("cpu")
+        dist.fill_diagonal_(-1.0)  # self first
+        nearest = torch.sort(dist, dim=1, stable=True).indices[:, : n - f]
+        mixing = torch.zeros(n, n, dtype=torch.float64)
+        mixing.scatter_(1, nearest, 1.0 / (n - f))
+        out = K.mix_rows(x, mixing, self.name)
+        return PreAggregationOutput(out, f, mixing)
 
 
 class Resample(_GroupsOfS):
@@ -162,6 +219,18 @@ class Resample(_GroupsOfS):
     """
 
     name = "resample"
+    options = (
+        Option(
+            "resampling-s",
+            param="s",
+            default=0,
+            ge=0,
+            le=100_000,
+            off=0,
+            help="s-resampling: each output a mean of s updates (0: off)",
+        ),
+        Option("seed", param="seed"),
+    )
 
     def draw(self, n: int) -> Tensor:
         """The ``(n, n)`` mixing matrix of one resampling (consumes randomness)."""
@@ -207,6 +276,18 @@ class Bucket(_GroupsOfS):
     """
 
     name = "bucket"
+    options = (
+        Option(
+            "bucketing-s",
+            param="s",
+            default=0,
+            ge=0,
+            le=100_000,
+            off=0,
+            help="bucketing: means of s shuffled updates (0: off)",
+        ),
+        Option("seed", param="seed"),
+    )
 
     def draw(self, n: int) -> Tensor:
         """The ``(ceil(n/s), n)`` mixing matrix of one bucketing."""
@@ -223,37 +304,3 @@ class Bucket(_GroupsOfS):
         mixing = self.draw(n)
         out = K.mix_rows(x, mixing, self.name)
         return PreAggregationOutput(out, min(f, mixing.shape[0]), mixing)
-
-
-class NearestNeighborMixing(PreAggregator):
-    """Nearest-Neighbour Mixing, NNM (Allouah, Farhadkhani, Guerraoui, Gupta,
-    Pinot & Stephan, "Fixing by Mixing: A Recipe for Optimal Byzantine ML
-    under Heterogeneity", AISTATS 2023, Algorithm 1).
-
-    Output ``i`` is the mean of the ``n - f`` inputs nearest to ``x_i`` in
-    Euclidean distance, ``x_i`` itself included (it is always first; other
-    ties go to the lower index). Distances come from the mean-centred float64
-    Gram matrix.
-
-    The count handed on stays ``f``: an output built around a Byzantine
-    input can be anything, but an output around an honest input averages
-    ``n - f`` inputs of which at most ``f`` are Byzantine and all lie no
-    farther from ``x_i`` than its ``(n - f)``-th honest neighbour, and the
-    paper's guarantee (``F o NNM`` is ``(f, O(kappa))``-robust when ``F`` is
-    ``(f, kappa)``-robust) is stated for the next rule run with the same
-    ``f``. Requires ``n > 2f``.
-    """
-
-    name = "nnm"
-
-    def _apply(self, x, f):
-        n = x.shape[0]
-        if not n > 2 * f:
-            raise ValueError(f"nnm needs n > 2f, got n={n}, f={f}")
-        dist = K.sq_dists_from_gram(K.centered_gram(x, self.name)).to("cpu")
-        dist.fill_diagonal_(-1.0)  # self first
-        nearest = torch.sort(dist, dim=1, stable=True).indices[:, : n - f]
-        mixing = torch.zeros(n, n, dtype=torch.float64)
-        mixing.scatter_(1, nearest, 1.0 / (n - f))
-        out = K.mix_rows(x, mixing, self.name)
-        return PreAggregationOutput(out, f, mixing)

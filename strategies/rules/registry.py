@@ -15,32 +15,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from strategies.rules.aggregators import (
-    AggregationOutput,
-    Aggregator,
-    Bulyan,
-    CenteredClipping,
-    GeometricMedian,
-    Krum,
-    Mean,
-    Median,
-    MultiKrum,
-    TrimmedMean,
-    check_num_byzantine,
-)
-from strategies.rules.preaggregators import (
-    Bucket,
-    Clip,
-    NearestNeighborMixing,
-    PreAggregationOutput,
-    PreAggregator,
-    Resample,
-)
+from strategies.rules.aggregators import AggregationOutput, Aggregator, check_num_byzantine
+from strategies.rules.preaggregators import PreAggregationOutput, PreAggregator
 
 __all__ = [
     "AGGREGATORS",
@@ -56,27 +38,30 @@ __all__ = [
     "preaggregator_parameters",
 ]
 
-_AGGREGATOR_CLASSES: dict[str, type[Aggregator]] = {
-    "mean": Mean,
-    "median": Median,
-    "trimmed-mean": TrimmedMean,
-    "krum": Krum,
-    "multi-krum": MultiKrum,
-    "geometric-median": GeometricMedian,
-    "bulyan": Bulyan,
-    "centered-clipping": CenteredClipping,
-}
-_PREAGGREGATOR_CLASSES: dict[str, type[PreAggregator]] = {
-    "clip": Clip,
-    "resample": Resample,
-    "bucket": Bucket,
-    "nnm": NearestNeighborMixing,
-}
+# Each concrete rule and step registers itself when its class is defined
+# (NamedStep.__init_subclass__): the registries are these live views.
+_AGGREGATOR_CLASSES: Mapping[str, type[Aggregator]] = MappingProxyType(
+    Aggregator.registry  # type: ignore[arg-type]
+)
+_PREAGGREGATOR_CLASSES: Mapping[str, type[PreAggregator]] = MappingProxyType(
+    PreAggregator.registry  # type: ignore[arg-type]
+)
 
-#: Names accepted by :func:`build_aggregator`.
+#: Names accepted by :func:`build_aggregator` (the rules defined in
+#: :mod:`strategies.rules.aggregators`; a rule class defined later registers too).
 AGGREGATORS: tuple[str, ...] = tuple(_AGGREGATOR_CLASSES)
-#: Names accepted by :func:`build_preaggregator`.
+#: Names accepted by :func:`build_preaggregator`, in the order a pipeline runs them.
 PREAGGREGATORS: tuple[str, ...] = tuple(_PREAGGREGATOR_CLASSES)
+
+
+def aggregator_class(name: str) -> type[Aggregator]:
+    """The registered rule class called ``name`` (``ValueError`` listing the names)."""
+    return _lookup(name, _AGGREGATOR_CLASSES, "aggregator")
+
+
+def preaggregator_classes() -> tuple[type[PreAggregator], ...]:
+    """Every registered pre-aggregation step, in the order a pipeline runs them."""
+    return tuple(_PREAGGREGATOR_CLASSES.values())
 
 
 def _parameters(cls: type) -> dict[str, inspect.Parameter]:

@@ -411,15 +411,19 @@ def test_output_dtype_follows_input():
 # Registry                                                                     #
 # --------------------------------------------------------------------------- #
 def test_registry_names_are_the_ones_the_run_config_accepts():
-    # The config validates `aggregator` against its Literal; every name it lets
-    # through must build, and every rule the registry has must be reachable.
-    from typing import get_args
+    # The run config's allowed rule names derive from the registry: every registered
+    # rule is accepted, and a name that is not registered is refused with the list.
+    from common.config import ConfigError
+    from server.run_config import load_run_config
 
-    from common.config import AggregatorName
-
-    assert get_args(AggregatorName) == AGGREGATORS
     assert len(set(AGGREGATORS)) == 8
-    assert PREAGGREGATORS == ("clip", "resample", "bucket", "nnm")
+    for name in AGGREGATORS:
+        assert load_run_config({"aggregator": name}).aggregator == name
+    with pytest.raises(ConfigError) as err:
+        load_run_config({"aggregator": "krun"})
+    assert "'krun'" in str(err.value) and all(repr(n) in str(err.value) for n in AGGREGATORS)
+    # the order a pipeline runs its steps in
+    assert PREAGGREGATORS == ("clip", "nnm", "resample", "bucket")
 
 
 def test_unknown_aggregator_lists_names():

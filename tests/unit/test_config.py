@@ -15,6 +15,7 @@ from common.config import (
     format_overrides,
     parse_overrides,
 )
+from server.run_config import app_config_defaults, load_run_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,13 +24,26 @@ def app_defaults() -> dict:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 
 
-def test_pyproject_defaults_and_model_cover_the_same_keys() -> None:
-    assert set(app_defaults()) == set(RunConfig.keys())
+def test_pyproject_lists_every_key_with_its_default() -> None:
+    # Flower refuses a --run-config key that [tool.flwr.app.config] does not list, so the
+    # file must list RunConfig's keys and every key a rule, step or attack declares.
+    expected = app_config_defaults()
+    listed = app_defaults()
+    lines = "\n".join(
+        f"{k} = {format_overrides({k: v}).split('=', 1)[1]}" for k, v in expected.items()
+    )
+    assert set(listed) == set(expected), (
+        "pyproject.toml [tool.flwr.app.config] is out of date; the keys should be:\n" + lines
+    )
+    assert {k: listed[k] for k in expected} == expected
 
 
 def test_pyproject_defaults_validate_and_equal_model_defaults() -> None:
-    cfg = RunConfig.from_flat(app_defaults())
-    assert cfg == RunConfig()
+    cfg = load_run_config(app_defaults())
+    assert {k: v for k, v in cfg.to_flat().items() if k in set(RunConfig.keys())} == (
+        RunConfig().to_flat()
+    )
+    assert cfg.to_flat() == app_config_defaults()
 
 
 @pytest.mark.parametrize(
@@ -57,7 +71,7 @@ def test_bad_value_error_names_key_value_and_allowed(key, value, allowed_fragmen
 
 def test_unknown_key_is_named_with_the_known_keys() -> None:
     with pytest.raises(ConfigError) as err:
-        RunConfig.from_flat(app_defaults() | {"learning-rate": 0.1})
+        load_run_config(app_defaults() | {"learning-rate": 0.1})
     assert "'learning-rate'" in str(err.value)
     assert "lr" in str(err.value)
 

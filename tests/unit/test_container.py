@@ -17,7 +17,7 @@ from cryptography import x509
 
 from attacks.selection import malicious_partitions
 from bastion import container as c
-from common.config import ConfigError, NodeConfig, RunConfig, parse_overrides
+from common.config import ConfigError, NodeConfig, RunConfig, overlay, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -110,9 +110,10 @@ def test_honest_and_malicious_node_configs() -> None:
     env = {"BASTION_ATTACK": "alie", "BASTION_ATTACK_CONFIG": "attack-z=1.5 attack-data=full"}
     bad = c.node_config(layout, "malicious", 3, env)
     node = NodeConfig.from_flat(bad)
-    assert node.role == "malicious" and node.attack == "alie" and node.attack_z == 1.5
-    assert node.attack_data == "full" and node.num_colluders == 2
-    assert node.collusion_dir == str(c.COLLUSION_DIR)
+    mine = overlay(RunConfig(), node)  # what the node runs with: its keys over the run's
+    assert node.role == "malicious" and mine.attack == "alie" and mine.attack_z == 1.5
+    assert mine.attack_data == "full" and node.num_colluders == 2
+    assert mine.collusion_dir == str(c.COLLUSION_DIR)
     extra = c.node_config(layout, "honest", 0, {"BASTION_NODE_CONFIG": "data-dir='/data' dp=true"})
     assert extra["data-dir"] == "/data" and extra["dp"] is True
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from attacks import check_attack_config
 from attacks.selection import malicious_partitions
 from client.collusion import SharedDirectory
 from client.malicious import (
@@ -65,7 +66,7 @@ def test_malicious_without_attack_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"'role'.*needs an attack"):
         resolve_plan(run(), node(0, role="malicious"))
     with pytest.raises(ConfigError, match="num-malicious"):
-        run(**{"num-malicious": 2})
+        check_attack_config(run(**{"num-malicious": 2}))
 
 
 def test_collusion_needs_a_directory() -> None:

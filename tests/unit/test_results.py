@@ -74,7 +74,7 @@ def test_progress_and_table_show_the_round_numbers() -> None:
 
 
 def test_rule_that_cannot_run_on_the_client_count_is_reported_up_front() -> None:
-    from bastion.cli import check_rule_fits
+    from bastion.preflight import check_rule_fits
     from common.config import RunConfig
 
     # s-resampling multiplies f by s: Krum then needs n >= 2 * (2 * 2) + 3 = 11.
