@@ -20,13 +20,33 @@ from pathlib import Path
 from typing import Any, get_args
 
 from attacks import attack_names
+from bastion import security
 from bastion.console import RoundPrinter, WallClock, final_table, plural, resume_command
+from bastion.experiment_plots import plot_grid
+from bastion.experiments import cell_done, load_grid, run_grid, write_tables
 from bastion.federation import LocalFederation, ProcessStartError, failure_cause
 from bastion.preflight import app_defaults, check_rule_fits
+from bastion.simulation import (
+    RAY_MISSING_MESSAGE,
+    SimulationUnavailableError,
+    ray_available,
+    run_simulation,
+)
+from common.batch import load_batch
 from common.config import ConfigError, RunConfig, format_overrides, parse_overrides
+from common.rundir import (
+    CheckpointError,
+    check_resume_config,
+    checkpoint_paths,
+    default_run_dir,
+    load_latest_checkpoint,
+    record_outcome,
+    rewind_run_dir,
+)
 from common.runlog import read_new_rows
 from server.run_config import all_keys, load_run_config
 from strategies.rules import Aggregator
+from task.datasets import load_dataset
 
 
 def find_app_dir(explicit: str | None = None) -> Path:
@@ -86,7 +106,6 @@ def build_run_config(args: argparse.Namespace, app_dir: Path) -> tuple[RunConfig
 
 
 def _fresh_run_dir(cfg: dict[str, Any]) -> Path:
-    from common.rundir import default_run_dir
 
     return default_run_dir("runs", str(cfg.get("dataset", "run")))
 
@@ -156,7 +175,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Load (and, when online, download) the data once here: a missing dataset fails
     # before any process starts, and the clients then read it from the shared cache
     # instead of downloading it N times at once.
-    from task.datasets import load_dataset
 
     try:
         train, _ = load_dataset(cfg.dataset, cfg.data_dir or None)
@@ -180,13 +198,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     run_dir = Path(cfg.output_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.resume:
-        from common.rundir import load_latest_checkpoint, rewind_run_dir
-
-        if (ckpt := load_latest_checkpoint(run_dir)) is not None:
-            # what the ServerApp does first (idempotent): progress below starts from here
-            rewind_run_dir(run_dir, ckpt)
-            print(f"bastion: resuming {run_dir} after round {ckpt.round} ({ckpt.path.name})")
+    if cfg.resume and (ckpt := load_latest_checkpoint(run_dir)) is not None:
+        # what the ServerApp does first (idempotent): progress below starts from here
+        rewind_run_dir(run_dir, ckpt)
+        print(f"bastion: resuming {run_dir} after round {ckpt.round} ({ckpt.path.name})")
     threads = args.torch_threads or max(1, (os.cpu_count() or 1) // args.clients)
     print(
         f"bastion: {args.clients} SuperNodes + 1 SuperLink on loopback (gRPC Fleet API), "
@@ -239,7 +254,6 @@ def _report_outcome(
     clock: WallClock,
 ) -> int:
     """Write this attempt's outcome into ``summary.json`` and tell the console."""
-    from common.rundir import checkpoint_paths, record_outcome
 
     wall = round(clock.seconds(), 1)
     if failure is None:  # the run ended by itself: the ServerApp's summary says how
@@ -332,7 +346,6 @@ def resume_problem(args: argparse.Namespace, cfg: RunConfig) -> str | None:
         return None
     if not args.output_dir:
         return "--resume (key 'resume') needs --output-dir: the folder of the run to continue"
-    from common.rundir import CheckpointError, check_resume_config, load_latest_checkpoint
 
     try:
         ckpt = load_latest_checkpoint(cfg.output_dir)
@@ -350,7 +363,6 @@ def _term_as_interrupt(signum: int, _frame: object) -> None:
 
 def cmd_keys(args: argparse.Namespace) -> int:
     """``bastion keys``: CA, SuperLink certificate and node key pairs, then the next steps."""
-    from bastion import security
 
     out = Path(args.out).resolve()
     try:
@@ -413,7 +425,6 @@ def keys_report(files: Any) -> str:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """``bastion simulate``: the same app on Flower's Simulation Engine (Ray)."""
-    from bastion.simulation import SimulationUnavailableError, run_simulation
 
     checked = _checked_run_config(args)
     if checked is None:
@@ -460,8 +471,6 @@ def _echo(line: str) -> None:
 
 def cmd_grid(args: argparse.Namespace) -> int:
     """``bastion grid FILE``: run an experiment grid (resumable), then table and plots."""
-    from bastion.experiment_plots import plot_grid
-    from bastion.experiments import load_grid, run_grid, write_tables
 
     try:
         grid = load_grid(args.file)
@@ -488,8 +497,6 @@ def cmd_grid(args: argparse.Namespace) -> int:
             )
             return 130
     else:
-        from bastion.experiments import cell_done
-
         results = [
             (c, out / "cells" / c.slug, cell_done(out / "cells" / c.slug)) for c in grid.cells
         ]
@@ -509,8 +516,6 @@ def cmd_grid(args: argparse.Namespace) -> int:
 def _grid_runner(backend: str, app_dir: Path, cell_timeout: float) -> Any:
     """A cell runner for ``backend`` ("simulation" or "federation"), or None (printed why)."""
     if backend == "simulation":
-        from bastion.simulation import RAY_MISSING_MESSAGE, ray_available, run_simulation
-
         if not ray_available():
             print(f"bastion: {RAY_MISSING_MESSAGE}", file=sys.stderr)
             return None
@@ -518,7 +523,6 @@ def _grid_runner(backend: str, app_dir: Path, cell_timeout: float) -> Any:
         def run_batch(
             batch_file: Path, batch_dir: Path, clients: int, on_cell: Callable[[dict], None]
         ) -> int:
-            from common.batch import load_batch
 
             cells = load_batch(batch_file)
             colluders = max(

@@ -60,7 +60,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from attacks.selection import malicious_partitions
 from bastion import security
+from bastion.console import final_table, plural
+from bastion.federation import superexec_poll_seconds
 from bastion.preflight import app_defaults, check_rule_fits
 from common.config import (
     ConfigError,
@@ -71,6 +74,8 @@ from common.config import (
     overlay,
     parse_overrides,
 )
+from common.rundir import record_outcome
+from common.runlog import read_jsonl
 from server.run_config import all_keys, check_run_config, load_run_config
 
 FLEET_PORT = 9092
@@ -162,7 +167,6 @@ class Layout:
 
     def malicious_ids(self) -> tuple[int, ...]:
         """Partitions of the malicious SuperNodes: ``bastion run --malicious``'s seeded rule."""
-        from attacks.selection import malicious_partitions
 
         return malicious_partitions(self.in_compose, self.malicious, self.seed)
 
@@ -513,7 +517,6 @@ def cmd_superlink(env: Mapping[str, str]) -> int:
 
 def cmd_supernode(role: str, env: Mapping[str, str]) -> int:
     """A ``supernode-*`` service replica: claim a partition, become ``flower-supernode``."""
-    from bastion.federation import superexec_poll_seconds
 
     if role not in ROLES:
         raise ConfigError(f"--role: value {role!r} is not allowed; allowed: one of {ROLES}")
@@ -658,9 +661,6 @@ def _stream(
 
 def cmd_run(env: Mapping[str, str]) -> int:
     """The ``runner`` service: submit the app, wait for it, check its summary."""
-    from bastion.console import final_table, plural
-    from common.rundir import record_outcome
-    from common.runlog import read_jsonl
 
     layout = Layout.from_env(env)
     tls = not insecure_mode(env)

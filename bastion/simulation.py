@@ -56,6 +56,7 @@ from bastion.federation import (
     with_interpreter_on_path,
 )
 from common.config import format_overrides
+from common.rundir import default_run_dir
 from common.runlog import read_new_rows
 
 __all__ = [
@@ -366,8 +367,6 @@ def run_simulation(
         if given:
             output_dir = Path(given)
         else:
-            from common.rundir import default_run_dir
-
             output_dir = default_run_dir("runs", str(overrides.get("dataset", "run")))
     output_dir = Path(output_dir).resolve()
     overrides["output-dir"] = str(output_dir)

@@ -34,6 +34,7 @@ from client.malformed import fuzzed_node_reply, malformed_node_reply
 from client.malicious import AttackPlan, apply_attack, resolve_plan
 from client.privacy import PrivateRound, budget_error_reply, resolve_dp
 from common import protocol
+from common.batch import cell_run_config
 from common.config import NodeConfig, RunConfig, TrainInstructions
 from task.datasets import ArrayDataset, num_classes
 from task.federated import ClientData, PartitionSpec, load_client_data, training_set
@@ -49,7 +50,6 @@ def _setup(context: Context, msg: Message) -> tuple[RunConfig, NodeConfig]:
     cell = msg.content.config_records.get(protocol.CONFIG, {}).get(protocol.BATCH_CELL, -1)
     if run.batch_file and isinstance(cell, int) and cell >= 0:
         # one cell of a batch run: its own run config (see common.batch)
-        from common.batch import cell_run_config
 
         run = RunConfig.from_flat(cell_run_config(context.run_config, run.batch_file, cell))
     check_attack_config(run)  # every node, honest or not, refuses an unknown attack

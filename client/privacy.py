@@ -56,6 +56,7 @@ from flwr.common import log
 
 from common import protocol
 from common.config import ConfigError, NodeConfig, RunConfig, TrainInstructions, overlay
+from task.cache import cache_dir
 from task.datasets import ArrayDataset
 from task.training import DPTrainResult, dp_num_steps, dp_sample_rate, train_local_dp
 
@@ -138,7 +139,6 @@ def state_dir(node: NodeConfig) -> Path:
     env = os.environ.get(STATE_DIR_ENV, "").strip()
     if env:
         return Path(env).expanduser()
-    from task.cache import cache_dir
 
     return cache_dir() / "state"
 

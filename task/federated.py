@@ -15,6 +15,7 @@ import numpy as np
 
 from task.cache import cached_arrays
 from task.datasets import ArrayDataset, load_dataset
+from task.partition import partition_indices, split_train_test
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,6 @@ def client_indices(
         )
 
     def compute() -> dict[str, np.ndarray]:
-        from task.partition import partition_indices, split_train_test
 
         parts = partition_indices(
             labels,
