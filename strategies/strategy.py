@@ -19,7 +19,15 @@ sampling and message construction and replaces everything on the reply side:
    ``global <- global + server_lr * v``;
 5. per-node diagnostics (accepted/rejected and why, update norm, cosine to the
    aggregate, the client's weight in the aggregate, selected or not, the rule's
-   score) are kept in :attr:`RobustStrategy.last_round`.
+   score; the pure math is :mod:`strategies.rules.diagnostics`) come back in a
+   :class:`RoundOutcome` with the new model, the round's counts and, from
+   :meth:`RobustStrategy.train_round`, the silent and quarantined nodes and the
+   reputation changes.
+
+Bastion's round loop calls :meth:`RobustStrategy.train_round` and
+:meth:`RobustStrategy.evaluate_round` and reads what they return; Flower's
+``aggregate_train`` / ``aggregate_evaluate`` stay thin wrappers over them, so the
+strategy still runs under Flower's own ``strategy.start()``.
 
 A rule whose preconditions fail for this round (e.g. Krum needs n >= 2f + 3
 and too few replies were accepted), or fewer accepted replies than
@@ -31,7 +39,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from logging import INFO, WARNING
 from typing import Any
@@ -44,8 +52,14 @@ from flwr.serverapp.strategy import FedAvg
 
 from common import protocol
 from strategies.layout import ModelLayout
-from strategies.rules._kernels import coordinate_median, norm64
-from strategies.rules.registry import Pipeline, build_aggregator, compose
+from strategies.rules._kernels import coordinate_median
+from strategies.rules.diagnostics import (
+    client_attribution,
+    geometry_to_aggregate,
+    malicious_influence,
+    update_norm_problem,
+)
+from strategies.rules.registry import Pipeline, PipelineOutput, build_aggregator, compose
 from strategies.rules.reputation import Reputation
 from strategies.validation import (
     DEFAULT_MAX_REPLY_BYTES,
@@ -129,6 +143,82 @@ class EvaluationNode:
     eval_accuracy: float | None = None
     # what the node says it evaluated on; a diagnostic, never a weight
     num_examples: int | None = None
+
+
+@dataclass
+class RoundOutcome:
+    """What one training round came to (:meth:`RobustStrategy.train_round`).
+
+    ``summary`` covers the replies: counts, timings, the aggregation error and each
+    reply's diagnostics. :meth:`RobustStrategy.close_round` adds the nodes that sent
+    nothing and the quarantined ones to ``nodes``, each node's suspicion after the
+    round, and the reputation changes.
+    """
+
+    server_round: int
+    summary: RoundSummary
+    # the new global model; None: unchanged this round (see aggregation_error)
+    arrays: ArrayRecord | None = None
+    # what Flower's aggregate_train returns with the model
+    metrics: MetricRecord | None = None
+    # every node's diagnostics: the replies, then the nodes that sent nothing, then the
+    # quarantined nodes
+    nodes: list[NodeDiagnostics] = field(default_factory=list)
+    # messages that got no reply (timeout, or the SuperLink reported the node offline)
+    num_missing: int = 0
+    # nodes that sat this round out, and those quarantined from the next round on
+    quarantined: list[int] = field(default_factory=list)
+    newly_quarantined: list[int] = field(default_factory=list)
+
+    @property
+    def replies(self) -> list[NodeDiagnostics]:
+        """The diagnostics of the replies, in the order received."""
+        return self.summary.nodes
+
+    @property
+    def aggregation_error(self) -> str | None:
+        """Why the global model is unchanged this round (None when it moved)."""
+        return self.summary.aggregation_error
+
+    @property
+    def num_rejected(self) -> int:
+        """Rejected replies plus the messages that got no reply."""
+        return self.summary.num_rejected + self.num_missing
+
+    @property
+    def reported_partitions(self) -> dict[int, int]:
+        """The partition id each replying node reported (where it did)."""
+        return {d.node_id: d.partition_id for d in self.replies if d.partition_id is not None}
+
+    @property
+    def max_dp_epsilon(self) -> float | None:
+        """The largest whole-run epsilon a reply reported (None without DP)."""
+        epsilons = [d.dp_epsilon for d in self.replies if d.dp_epsilon is not None]
+        return max(epsilons) if epsilons else None
+
+    @property
+    def suspicion(self) -> dict[int, float]:
+        """Each node's suspicion score after the round (set by ``close_round``)."""
+        return {d.node_id: d.suspicion for d in self.nodes if d.suspicion is not None}
+
+    @property
+    def max_suspicion(self) -> float | None:
+        """The highest suspicion score after the round over all nodes (no score: 0)."""
+        return max((d.suspicion or 0.0 for d in self.nodes), default=None)
+
+
+@dataclass
+class EvaluationOutcome:
+    """What one round of federated evaluation came to (:meth:`RobustStrategy.evaluate_round`)."""
+
+    # median loss and accuracy over the usable replies; None when none was usable
+    metrics: MetricRecord | None
+    nodes: list[EvaluationNode] = field(default_factory=list)
+
+    @property
+    def rejected(self) -> list[EvaluationNode]:
+        """The replies that were dropped, with why."""
+        return [n for n in self.nodes if n.status == "rejected"]
 
 
 class RobustStrategy(FedAvg):
@@ -269,7 +359,41 @@ class RobustStrategy(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Validate each reply, aggregate the accepted deltas, return the new global model.
+        """Flower's ``aggregate_train``: :meth:`aggregate_round`'s new global model and
+        metrics, ``(None, None)`` when the model stays unchanged for the round.
+
+        For callers of Flower's API (its ``strategy.start()``, tests, benchmarks) the
+        round's counts and per-reply diagnostics are kept in :attr:`last_round`;
+        Bastion's loop calls :meth:`train_round`, which returns them.
+        """
+        outcome = self.aggregate_round(server_round, replies)
+        self.last_round = outcome.summary
+        return outcome.arrays, outcome.metrics
+
+    def train_round(
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+        *,
+        missing: Iterable[tuple[int, str]] = (),
+        partitions: Mapping[int, int] | None = None,
+        online: Iterable[int] = (),
+    ) -> RoundOutcome:
+        """One training round's replies in, the round's :class:`RoundOutcome` out.
+
+        :meth:`aggregate_round` on the replies, then :meth:`close_round`: the nodes that
+        sent nothing (``missing``: ``(node_id, reason)`` pairs) and the nodes
+        quarantined for this round join the diagnostics, and every node's suspicion
+        is updated from them (``online``: the nodes connected this round;
+        ``partitions``: the partition each node reported in earlier rounds).
+        """
+        outcome = self.aggregate_round(server_round, replies)
+        return self.close_round(
+            outcome, missing=missing, partitions=partitions or {}, online=online
+        )
+
+    def aggregate_round(self, server_round: int, replies: Iterable[Message]) -> RoundOutcome:
+        """Validate each reply, aggregate the accepted deltas, step the global model.
 
         Each reply is checked for identity (:class:`~strategies.validation.ReplyLedger`:
         an answer to a message of this round, from its node, the node's first) and
@@ -277,10 +401,103 @@ class RobustStrategy(FedAvg):
         its rejection (:func:`~strategies.validation.failure_reason`). A list passed
         as ``replies`` is emptied as the replies are consumed, so that the caller
         keeps no reference: each reply is freed once rejected or decoded.
+
+        The outcome's ``arrays`` is the new global model, or ``None`` (the model is
+        unchanged) with the reason in ``aggregation_error``; its ``nodes`` are the
+        replies' diagnostics until :meth:`close_round` adds the silent and
+        quarantined nodes.
         """
         if self._global is None or self._layout is None:
             raise RuntimeError("aggregate_train called before configure_train")
-        layout = self._layout
+        layout, global_arrays = self._layout, self._global
+        summary, deltas, decoded = self._decode_replies(
+            server_round, replies, layout, global_arrays
+        )
+        accepted, norms = self._check_norms(server_round, deltas, decoded)
+        summary.num_accepted = len(accepted)
+        summary.num_rejected = summary.num_replies - len(accepted)
+        outcome = RoundOutcome(server_round, summary, nodes=list(summary.nodes))
+        if len(accepted) < self.min_accepted_replies:
+            summary.aggregation_error = (
+                f"{len(accepted)} of {summary.num_replies} replies accepted, fewer than "
+                f"min-accepted-replies {self.min_accepted_replies}; the global model is unchanged"
+            )
+            log(WARNING, "round %d: %s", server_round, summary.aggregation_error)
+            return outcome
+
+        deltas = deltas[: len(accepted)]
+        out = self._aggregate(server_round, deltas, summary)
+        if out is None:
+            return outcome
+        agg_norm = _record_diagnostics(summary, accepted, norms, deltas, out)
+        outcome.arrays = self._server_step(layout, global_arrays, out.vector)
+        outcome.metrics = _summarize_training(summary, accepted, agg_norm)
+        return outcome
+
+    def close_round(
+        self,
+        outcome: RoundOutcome,
+        *,
+        missing: Iterable[tuple[int, str]],
+        partitions: Mapping[int, int],
+        online: Iterable[int],
+    ) -> RoundOutcome:
+        """Complete ``outcome`` with the nodes that sent nothing and the quarantined ones,
+        and update reputation from every node's diagnostics.
+
+        ``missing`` holds ``(node_id, reason)`` of each message that got no reply (a
+        "rejected" entry with ``no_reply``); each node quarantined for this round gets
+        a "quarantined" entry. Neither can report its partition: it comes from
+        ``partitions`` (earlier rounds) and this round's replies. Suspicion scores are
+        written into all the diagnostics; nodes newly quarantined sit out from the
+        next round on. Returns ``outcome``, its ``nodes``, ``num_missing``,
+        ``quarantined`` and ``newly_quarantined`` filled in.
+        """
+        server_round = outcome.server_round
+        known = dict(partitions) | outcome.reported_partitions
+        gone = list(missing)
+        nodes = list(outcome.replies) + [
+            NodeDiagnostics(
+                server_round,
+                node_id,
+                "rejected",
+                reason,
+                partition_id=known.get(node_id),
+                no_reply=True,
+            )
+            for node_id, reason in gone
+        ]
+        # suspicion scores from every node's diagnostics; quarantine from the next round
+        quarantined = self.reputation.quarantined(server_round)
+        nodes += [
+            NodeDiagnostics(
+                server_round,
+                node_id,
+                "quarantined",
+                "left out: quarantined until round "
+                f"{self.reputation.nodes[node_id].quarantined_until}",
+                partition_id=known.get(node_id),
+            )
+            for node_id in quarantined
+        ]
+        outcome.newly_quarantined = self.update_reputation(server_round, nodes, online=online)
+        outcome.nodes, outcome.num_missing, outcome.quarantined = nodes, len(gone), quarantined
+        return outcome
+
+    def _decode_replies(
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+        layout: ModelLayout,
+        global_arrays: ArrayRecord,
+    ) -> tuple[RoundSummary, torch.Tensor, list[NodeDiagnostics]]:
+        """Check each reply and decode the good ones into rows of the delta buffer.
+
+        Returns the round's summary (one diagnostics entry per reply, in the order
+        received), the ``(n, d)`` buffer whose first ``len(decoded)`` rows hold the
+        decoded deltas from ``global_arrays`` and the decoded replies' diagnostics, in
+        row order. A reply that fails a check is rejected with its reason.
+        """
         pending = _take_all(replies)
         summary = RoundSummary(num_replies=len(pending))
         deltas = self._buffer_for(len(pending), layout.dim)
@@ -298,7 +515,7 @@ class RobustStrategy(FedAvg):
                 layout.flatten_into(
                     msg.content.array_records[protocol.ARRAYS],
                     deltas[len(decoded)],
-                    minus=self._global,
+                    minus=global_arrays,
                 )
                 metrics = msg.content.metric_records[protocol.METRICS]
                 diag.partition_id = _int_or_none(metrics.get(protocol.PARTITION_ID))
@@ -316,61 +533,56 @@ class RobustStrategy(FedAvg):
             finally:
                 del msg  # a rejected reply is freed here, an accepted one once decoded
             decoded.append(diag)
+        return summary, deltas, decoded
 
-        # One pass over the decoded rows: their norms, which are also the finiteness
-        # check (a row holding NaN/Inf, or too large for float32, has no finite norm)
-        # and the max-update-norm check.
+    def _check_norms(
+        self, server_round: int, deltas: torch.Tensor, decoded: list[NodeDiagnostics]
+    ) -> tuple[list[NodeDiagnostics], list[float]]:
+        """Reject the decoded rows that are non-finite or too large; move the others up.
+
+        One pass over the decoded rows: their norms, which are also the finiteness
+        check (a row holding NaN/Inf, or too large for float32, has no finite norm)
+        and the max-update-norm check (:func:`update_norm_problem`). Returns the
+        accepted replies' diagnostics and their update norms; their deltas are then
+        the first rows of ``deltas``, in the same order.
+        """
         norms = torch.linalg.vector_norm(deltas[: len(decoded)], dim=1)
         accepted: list[NodeDiagnostics] = []
+        accepted_norms: list[float] = []
         kept: list[int] = []
         for i, (diag, norm) in enumerate(zip(decoded, norms.tolist(), strict=True)):
-            problem = _update_norm_problem(deltas[i], norm, self.max_update_norm)
+            problem = update_norm_problem(deltas[i], norm, self.max_update_norm)
             if problem is None:
                 diag.update_norm = norm
                 accepted.append(diag)
+                accepted_norms.append(norm)
                 kept.append(i)
             else:
                 self._reject(server_round, diag, problem)
         for j, i in enumerate(kept):  # close the gaps left by rejected rows (rare)
             if i != j:
                 deltas[j].copy_(deltas[i])
-        summary.num_accepted = len(accepted)
-        summary.num_rejected = summary.num_replies - len(accepted)
-        self.last_round = summary
-        if len(accepted) < self.min_accepted_replies:
-            summary.aggregation_error = (
-                f"{len(accepted)} of {summary.num_replies} replies accepted, fewer than "
-                f"min-accepted-replies {self.min_accepted_replies}; the global model is unchanged"
-            )
-            log(WARNING, "round %d: %s", server_round, summary.aggregation_error)
-            return None, None
+        return accepted, accepted_norms
 
-        deltas = deltas[: len(accepted)]
+    def _aggregate(
+        self, server_round: int, deltas: torch.Tensor, summary: RoundSummary
+    ) -> PipelineOutput | None:
+        """The pipeline's aggregate of the accepted rows; ``None``, with the reason in
+        ``summary.aggregation_error``, when a rule's precondition fails this round."""
         try:
             out = self.pipeline.aggregate(deltas, num_byzantine=self.num_byzantine)
         except ValueError as exc:  # a rule's precondition, e.g. n >= 2f + 3 for Krum
             summary.aggregation_error = str(exc)
             log(WARNING, "round %d: aggregation skipped, model unchanged: %s", server_round, exc)
-            return None, None
-        aggregate = out.vector
+            return None
         summary.num_byzantine_after_preaggregation = out.num_byzantine
-        agg_norm = norm64(aggregate)
-        # Diagnostics only: a float32 matvec and the row norms measured above.
-        row_norms = torch.tensor([d.update_norm for d in accepted], dtype=torch.float64)
-        dots = (deltas @ aggregate.to(deltas.dtype)).double()
-        cosines = dots / (row_norms * agg_norm).clamp_min(1e-300)
-        # |u - a|^2 = |u|^2 + |a|^2 - 2 u.a: no (n, d) temporary; float32 dot products
-        # lose distances far below 1e-3 |u|, which reputation's ratios do not need
-        distances = (row_norms**2 + agg_norm**2 - 2 * dots).clamp_min(0).sqrt()
-        weights, selected, scores = _client_attribution(out, len(accepted))
-        for i, (diag, cos) in enumerate(zip(accepted, cosines.tolist(), strict=True)):
-            diag.cosine_to_aggregate = cos if agg_norm > 0 else None
-            diag.distance_to_aggregate = float(distances[i])
-            diag.weight = None if weights is None else weights[i]
-            diag.selected = None if selected is None else selected[i]
-            diag.score = None if scores is None else scores[i]
-        summary.num_malicious_accepted = sum(d.malicious for d in accepted)
-        summary.malicious_influence = _malicious_influence(accepted, weights, selected)
+        return out
+
+    def _server_step(
+        self, layout: ModelLayout, global_arrays: ArrayRecord, aggregate: torch.Tensor
+    ) -> ArrayRecord:
+        """The server optimizer: ``v <- server_momentum * v + delta``, then
+        ``global <- global + server_lr * v`` (``v`` is the aggregate without momentum)."""
         step = aggregate
         if self.server_momentum:
             if self._velocity is None or self._velocity.shape != step.shape:
@@ -379,23 +591,9 @@ class RobustStrategy(FedAvg):
             step = self._velocity
         # Without server momentum the aggregate is ours alone (rules return fresh
         # tensors; centered clipping keeps a copy), so the new model is built in it.
-        new_global = layout.add_scaled(
-            self._global, step, self.server_lr, overwrite_step=step is aggregate
+        return layout.add_scaled(
+            global_arrays, step, self.server_lr, overwrite_step=step is aggregate
         )
-
-        losses = [d.train_loss for d in accepted if d.train_loss is not None]
-        times = [d.train_seconds for d in accepted if d.train_seconds is not None]
-        summary.train_loss = sum(losses) / len(losses) if losses else None
-        summary.slowest_train_seconds = max(times) if times else None
-        metrics = MetricRecord(
-            {
-                protocol.NUM_ACCEPTED: summary.num_accepted,
-                protocol.NUM_REJECTED: summary.num_rejected,
-                protocol.AGGREGATE_NORM: agg_norm,
-            }
-            | ({protocol.TRAIN_LOSS: summary.train_loss} if summary.train_loss is not None else {})
-        )
-        return new_global, metrics
 
     def _buffer_for(self, n: int, d: int) -> torch.Tensor:
         """An ``(n, d)`` float32 buffer for decoded deltas, reused across rounds.
@@ -418,17 +616,25 @@ class RobustStrategy(FedAvg):
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
+        """Flower's ``aggregate_evaluate``: :meth:`evaluate_round`'s metrics (``None``
+        when no reply is usable); the per-node outcomes are kept in
+        :attr:`last_evaluation` for callers of Flower's API."""
+        outcome = self.evaluate_round(server_round, replies)
+        self.last_evaluation = outcome.nodes
+        return outcome.metrics
+
+    def evaluate_round(self, server_round: int, replies: Iterable[Message]) -> EvaluationOutcome:
         """The median over nodes of the evaluation loss and accuracy of well-formed
-        replies, unweighted; ``None`` when no reply is usable.
+        replies, unweighted, and each node's outcome.
 
         Each reply is checked like a training reply's identity, size and metrics
         (:func:`~strategies.validation.check_evaluate_reply`: every value finite,
         accuracy in [0, 1]); a bad one is dropped with a reason. Reported
         ``num-examples`` never weights anything: one node claiming 2^62 examples
         cannot set the result, and a node moves a median only within the other
-        nodes' values. Per-node outcomes are in :attr:`last_evaluation`; the
-        returned record has ``eval-loss``, ``eval-accuracy``, ``num-nodes`` and the
-        reported ``num-examples`` summed (a diagnostic).
+        nodes' values. The outcome's ``metrics`` (``None`` when no reply is usable)
+        has ``eval-loss``, ``eval-accuracy``, ``num-nodes`` and the reported
+        ``num-examples`` summed (a diagnostic).
         """
         ledger, self._evaluate_sent = ReplyLedger.of(self._evaluate_sent), []
         nodes: list[EvaluationNode] = []
@@ -454,14 +660,13 @@ class RobustStrategy(FedAvg):
                     node.node_id,
                     node.reason,
                 )
-        self.last_evaluation = nodes
         used = [n for n in nodes if n.status == "accepted"]
         if not used:
-            return None
+            return EvaluationOutcome(None, nodes)
         # the rules' coordinate median: for even n, s/2 + s'/2 (no overflow at 1.7e308)
         values = torch.tensor([[n.eval_loss, n.eval_accuracy] for n in used], dtype=torch.float64)
         loss, accuracy = coordinate_median(values).tolist()
-        return MetricRecord(
+        metrics = MetricRecord(
             {
                 protocol.EVAL_LOSS: loss,
                 protocol.EVAL_ACCURACY: accuracy,
@@ -469,6 +674,7 @@ class RobustStrategy(FedAvg):
                 protocol.NUM_EXAMPLES: sum(n.num_examples or 0 for n in used),
             }
         )
+        return EvaluationOutcome(metrics, nodes)
 
 
 def _take_all(replies: Iterable[Message]) -> list[Message]:
@@ -489,63 +695,53 @@ def _node_of(msg: Message) -> int:
         return 0
 
 
-def _update_norm_problem(row: torch.Tensor, norm32: float, limit: float) -> str | None:
-    """Why a decoded update (one row, float32 L2 norm ``norm32``) is rejected, or None.
+def _record_diagnostics(
+    summary: RoundSummary,
+    accepted: list[NodeDiagnostics],
+    norms: list[float],
+    deltas: torch.Tensor,
+    out: PipelineOutput,
+) -> float:
+    """Write each accepted reply's place in the aggregate into its diagnostics (cosine
+    and distance to the aggregate, weight, selected, score) and the round's malicious
+    counts into ``summary``; return the aggregate's L2 norm.
 
-    Non-finite values are counted by kind. A row whose float32 norm overflows but
-    whose values are finite gets its norm in float64 (:func:`norm64`), so a 1e30
-    update is reported as such. ``limit`` is ``max-update-norm`` (0: no limit); a
-    norm beyond float32 is rejected even without a limit (the rules run in float32).
+    ``deltas`` holds the accepted updates in the order of ``accepted``, ``norms``
+    their L2 norms (:mod:`strategies.rules.diagnostics` computes the rest).
     """
-    if math.isfinite(norm32) and (limit <= 0 or norm32 <= limit):
-        return None
-    nan = int(torch.isnan(row).sum())
-    pos, neg = int((row == math.inf).sum()), int((row == -math.inf).sum())
-    if nan or pos or neg:
-        return f"non-finite update: {nan} NaN, {pos} +Inf, {neg} -Inf values"
-    norm = norm32 if math.isfinite(norm32) else norm64(row)
-    if limit > 0 and norm > limit:
-        return f"update norm {norm:.4g} exceeds max-update-norm {limit:g}"
-    return f"update norm {norm:.4g} overflows float32 (values too large)"
-
-
-def _client_attribution(
-    out: Any, n: int
-) -> tuple[list[float] | None, list[bool] | None, list[float] | None]:
-    """Per-client weight in the aggregate, selected flag and score, where defined.
-
-    Weights come from the pipeline's ``client_weights`` (the rule's weights pushed
-    back through the pre-aggregation mixing). Selection and scores refer to the
-    rule's inputs, which are the clients only when no pre-aggregation step mixed them.
-    """
-    weights = None if out.client_weights is None else out.client_weights.tolist()
-    identity = out.mixing.shape == (n, n) and bool(
-        torch.equal(out.mixing, torch.eye(n, dtype=out.mixing.dtype))
+    geometry = geometry_to_aggregate(deltas, out.vector, norms)
+    weights, selected, scores = client_attribution(out, len(accepted))
+    for i, diag in enumerate(accepted):
+        diag.cosine_to_aggregate = geometry.cosines[i]
+        diag.distance_to_aggregate = geometry.distances[i]
+        diag.weight = None if weights is None else weights[i]
+        diag.selected = None if selected is None else selected[i]
+        diag.score = None if scores is None else scores[i]
+    summary.num_malicious_accepted = sum(d.malicious for d in accepted)
+    summary.malicious_influence = malicious_influence(
+        [d.malicious for d in accepted], weights, selected
     )
-    selected = scores = None
-    if out.aggregation.selected is not None:
-        if identity:
-            chosen = set(out.aggregation.selected.tolist())
-            selected = [i in chosen for i in range(n)]
-        elif weights is not None:
-            selected = [abs(w) > 0 for w in weights]
-    if identity and out.aggregation.scores is not None:
-        scores = out.aggregation.scores.tolist()
-    return weights, selected, scores
+    return geometry.norm
 
 
-def _malicious_influence(
-    nodes: list[NodeDiagnostics], weights: list[float] | None, selected: list[bool] | None
-) -> float | None:
-    """Share of the aggregate owed to declared-malicious nodes (see RoundSummary)."""
-    if weights is not None:
-        total = sum(abs(w) for w in weights)
-        bad = sum(abs(w) for w, d in zip(weights, nodes, strict=True) if d.malicious)
-        return bad / total if total > 0 else None
-    if selected is not None and any(selected):
-        picked = [d for d, s in zip(nodes, selected, strict=True) if s]
-        return sum(d.malicious for d in picked) / len(picked)
-    return None
+def _summarize_training(
+    summary: RoundSummary, accepted: list[NodeDiagnostics], agg_norm: float
+) -> MetricRecord:
+    """Set the round's mean training loss and slowest training time (over the accepted
+    replies that report them) in ``summary``; return the metrics Flower's
+    ``aggregate_train`` returns with the new model."""
+    losses = [d.train_loss for d in accepted if d.train_loss is not None]
+    times = [d.train_seconds for d in accepted if d.train_seconds is not None]
+    summary.train_loss = sum(losses) / len(losses) if losses else None
+    summary.slowest_train_seconds = max(times) if times else None
+    return MetricRecord(
+        {
+            protocol.NUM_ACCEPTED: summary.num_accepted,
+            protocol.NUM_REJECTED: summary.num_rejected,
+            protocol.AGGREGATE_NORM: agg_norm,
+        }
+        | ({protocol.TRAIN_LOSS: summary.train_loss} if summary.train_loss is not None else {})
+    )
 
 
 def _float_or_none(value: object) -> float | None:

@@ -264,3 +264,31 @@ def test_evaluation_replies_are_identity_checked_too() -> None:
     out, nodes = evaluated([honest_eval(1), honest_eval(1, 0.0), honest_eval(7, 0.0)], [1, 2])
     assert out["eval-accuracy"] == pytest.approx(0.9) and out["num-nodes"] == 1
     assert [n.status for n in nodes.values()] == ["rejected", "rejected"]  # 1 twice, then 7
+
+
+def test_evaluate_round_returns_the_metrics_and_each_nodes_outcome() -> None:
+    """What the server records of federated evaluation comes back from evaluate_round:
+    the medians and every node's outcome, the dropped replies with why."""
+    strategy = RobustStrategy(min_available_nodes=1, min_evaluate_nodes=1)
+    record = ArrayRecord(OrderedDict((k, Array(v)) for k, v in model_arrays().items()))
+    for msg in strategy.configure_evaluate(1, record, ConfigRecord(), FakeGrid([1, 2, 3])):
+        msg.metadata.__dict__["_message_id"] = f"e{msg.metadata.dst_node_id}"
+    bad = eval_reply(3, {"num-examples": 5, "eval-loss": math.nan, "eval-accuracy": 0.5})
+    outcome = strategy.evaluate_round(1, [honest_eval(1, 0.8), honest_eval(2, 0.6), bad])
+    # the median of two values is their midpoint
+    assert outcome.metrics["eval-accuracy"] == pytest.approx(0.7)
+    assert outcome.metrics["num-nodes"] == 2 and outcome.metrics["num-examples"] == 200
+    assert [(n.node_id, n.status) for n in outcome.nodes] == [
+        (1, "accepted"),
+        (2, "accepted"),
+        (3, "rejected"),
+    ]
+    assert [(n.node_id, n.reason) for n in outcome.rejected] == [
+        (3, "metric 'eval-loss' is nan; allowed: a finite float")
+    ]
+
+
+def test_evaluate_round_without_a_usable_reply_has_no_metrics() -> None:
+    strategy = RobustStrategy(min_available_nodes=1, min_evaluate_nodes=1)
+    outcome = strategy.evaluate_round(1, [honest_eval(1)])  # no message of this round
+    assert outcome.metrics is None and [n.status for n in outcome.rejected] == ["rejected"]

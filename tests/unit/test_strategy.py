@@ -24,6 +24,7 @@ from common.config import RunConfig
 from strategies import build_aggregator, compose
 from strategies.layout import ModelLayout, npy_array
 from strategies.rules.from_config import pipeline_from_config
+from strategies.rules.reputation import Reputation, ReputationConfig
 from strategies.strategy import RobustStrategy
 
 
@@ -313,3 +314,86 @@ def test_strategy_state_round_trip_restores_momentum_and_rule_state() -> None:
     configured(fresh, base)
     new, _ = fresh.aggregate_train(2, [reply(1, nxt)])
     assert not np.array_equal(new.to_numpy_ndarrays()[0], outs[0])  # the state mattered
+
+
+# ------------------------------------------------------------ the round's outcome
+def test_train_round_returns_the_model_the_diagnostics_and_the_reputation_changes() -> None:
+    """What the server records comes back from train_round: the new model, every
+    node's diagnostics (replies, then silent nodes, then quarantined ones) with its
+    suspicion, the counts, and who sat out and who is newly quarantined."""
+    strategy = RobustStrategy(
+        min_available_nodes=1,
+        min_train_nodes=1,
+        reputation=Reputation(
+            ReputationConfig(decay=0.5, quarantine_threshold=0.5, quarantine_rounds=2)
+        ),
+    )
+    strategy.reputation.load_state_dict(
+        {
+            "6": {
+                "score": 0.8,
+                "last_evidence": 1.0,
+                "rounds_observed": 3,
+                "times_quarantined": 1,
+                "quarantined_from": 1,
+                "quarantined_until": 2,
+            }
+        }
+    )
+    configured(strategy, model_arrays())
+    replies = [
+        reply(1, model_arrays(1.0), {"num-examples": 10, "partition-id": 0, "dp-epsilon": 1.5}),
+        reply(2, model_arrays(3.0), {"num-examples": 10, "partition-id": 1, "dp-epsilon": 2.5}),
+        MALFORMED["nan"](),  # node 9
+    ]
+    outcome = strategy.train_round(
+        1,
+        replies,
+        missing=[(4, "no reply within round-timeout")],
+        partitions={4: 7, 6: 2},
+        online=[1, 2, 3, 4, 6, 9, 99],
+    )
+    assert replies == []  # consumed: the caller keeps no reference
+    assert outcome.aggregation_error is None
+    got = outcome.arrays.to_numpy_ndarrays()
+    assert np.allclose(got[0], 102.0) and np.allclose(got[1], -48.0)  # mean delta 2
+    assert outcome.metrics["num-accepted"] == 2
+
+    assert [(d.node_id, d.status) for d in outcome.nodes] == [
+        (1, "accepted"),
+        (2, "accepted"),
+        (9, "rejected"),
+        (4, "rejected"),
+        (6, "quarantined"),
+    ]
+    silent, benched = outcome.nodes[3], outcome.nodes[4]
+    assert silent.no_reply and silent.reason == "no reply within round-timeout"
+    assert silent.partition_id == 7  # reported in an earlier round
+    assert benched.reason == "left out: quarantined until round 2" and benched.partition_id == 2
+    assert outcome.replies == outcome.nodes[:3] and outcome.reported_partitions == {1: 0, 2: 1}
+    assert outcome.summary.num_rejected == 1 and outcome.num_rejected == 2
+    assert outcome.max_dp_epsilon == 2.5
+
+    # node 9's rejected reply is evidence 1: 0.5 * 0 + 0.5 * 1 reaches the threshold
+    assert outcome.quarantined == [6] and outcome.newly_quarantined == [9]
+    assert outcome.suspicion[9] == pytest.approx(0.5)
+    assert all(d.suspicion == strategy.reputation.score(d.node_id) for d in outcome.nodes)
+    assert outcome.max_suspicion == max(d.suspicion for d in outcome.nodes)
+    assert strategy.reputation.quarantined(2) == [6, 9]
+
+
+def test_an_unchanged_model_comes_back_with_its_reason() -> None:
+    strategy = RobustStrategy(min_available_nodes=1, min_train_nodes=1, min_accepted_replies=3)
+    configured(strategy, model_arrays())
+    outcome = strategy.train_round(1, [reply(1, model_arrays(1.0)), reply(2, model_arrays(2.0))])
+    assert outcome.arrays is None and outcome.metrics is None
+    assert outcome.aggregation_error == (
+        "2 of 2 replies accepted, fewer than min-accepted-replies 3; the global model is unchanged"
+    )
+    assert [d.status for d in outcome.nodes] == ["accepted", "accepted"]
+    assert outcome.summary.train_loss is None  # set only when the model moved
+    # Flower's aggregate_train is the same step: (None, None), the counts in last_round
+    configured(strategy, model_arrays())
+    new, metrics = strategy.aggregate_train(2, [reply(1, model_arrays(1.0))])
+    assert new is None and metrics is None
+    assert strategy.last_round.aggregation_error.startswith("1 of 1 replies accepted")
