@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from common.config import ConfigError, RunConfig
-from common.options import Option, read_params
+from common.options import Option, check_choice, read_params
 
 __all__ = [
     "ATTACKS",
@@ -562,11 +562,7 @@ def check_attack_config(cfg: RunConfig) -> None:
     ``num-malicious`` > 0 comes without one, or when a key the attack declares has a
     bad value; the message names the key, the value and what is allowed."""
     names = attack_names()
-    if cfg.attack not in names:
-        raise ConfigError(
-            f"{cfg.source} key 'attack': value {cfg.attack!r} is not allowed; allowed: "
-            f"one of {', '.join(repr(n) for n in names)}"
-        )
+    check_choice(cfg, "attack", names)
     if cfg.num_malicious > 0 and cfg.attack == "none":
         raise ConfigError(
             f"key 'num-malicious' is {cfg.num_malicious} but key 'attack' is 'none'; "

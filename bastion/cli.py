@@ -46,7 +46,8 @@ from common.rundir import (
 from common.runlog import read_new_rows
 from server.run_config import all_keys, load_run_config
 from strategies.rules import Aggregator
-from task.datasets import load_dataset
+from task.datasets import DATASETS, load_dataset
+from task.partition import PARTITIONERS
 
 
 def find_app_dir(explicit: str | None = None) -> Path:
@@ -576,7 +577,12 @@ def _default(key: str) -> Any:
 def _choices(key: str) -> str:
     """``a | b | c``: the values run-config ``key`` allows: the registered rules or
     attacks, or the choices of its ``Literal`` type."""
-    named = {"aggregator": lambda: tuple(Aggregator.registry), "attack": attack_names}
+    named = {
+        "aggregator": lambda: tuple(Aggregator.registry),
+        "attack": attack_names,
+        "dataset": lambda: tuple(DATASETS),
+        "partitioner": lambda: PARTITIONERS,
+    }
     if key in named:
         return " | ".join(named[key]())
     return " | ".join(get_args(RunConfig.model_fields[key.replace("-", "_")].annotation))

@@ -106,6 +106,18 @@ class Option:
         return self.off is not None and value == self.off
 
 
+def check_choice(cfg: RunConfig, key: str, allowed: Iterable[str]) -> None:
+    """Raise :class:`ConfigError` unless run-config ``key``'s value is one of ``allowed``
+    (a name the run config cannot list itself: a rule, an attack, a dataset)."""
+    names = list(allowed)
+    value = cfg.value(key)
+    if value not in names:
+        raise ConfigError(
+            f"{cfg.source} key {key!r}: value {value!r} is not allowed; allowed: one of "
+            + ", ".join(repr(n) for n in names)
+        )
+
+
 def read_params(options: Iterable[Option], cfg: RunConfig) -> dict[str, Scalar]:
     """``{param: value}`` of the options that feed a parameter and are not off in ``cfg``."""
     out: dict[str, Scalar] = {}

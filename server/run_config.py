@@ -16,9 +16,11 @@ from typing import Any
 from attacks import check_attack_config
 from attacks import declared_options as attack_options
 from common.config import RunConfig
-from common.options import Option, check_options, defaults
+from common.options import Option, check_choice, check_options, defaults
 from strategies.rules.from_config import declared_options as rule_options
 from strategies.rules.from_config import pipeline_from_config
+from task.datasets import DATASETS
+from task.partition import PARTITIONERS
 
 
 def declared_options() -> tuple[Option, ...]:
@@ -28,10 +30,13 @@ def declared_options() -> tuple[Option, ...]:
 
 def check_run_config(cfg: RunConfig) -> None:
     """Raise :class:`~common.config.ConfigError` for anything in ``cfg`` its fields did
-    not already check: an unknown key, a bad value of a declared key, an unknown rule
-    or attack, steps that may not run together (every problem of the first kind is
-    listed; the message names the key, the value and what is allowed)."""
+    not already check: an unknown key, a bad value of a declared key, an unknown rule,
+    attack, dataset or partitioner, steps that may not run together (every problem of
+    the first kind is listed; the message names the key, the value and what is
+    allowed)."""
     check_options(cfg, declared_options())
+    check_choice(cfg, "dataset", DATASETS)
+    check_choice(cfg, "partitioner", PARTITIONERS)
     check_attack_config(cfg)
     pipeline_from_config(cfg)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from common.config import ConfigError, RunConfig
-from common.options import Option, read_params
+from common.options import Option, check_choice, read_params
 from strategies.rules.aggregators import Aggregator
 from strategies.rules.preaggregators import PreAggregator
 from strategies.rules.registry import (
@@ -70,18 +70,8 @@ def pipeline_from_config(cfg: RunConfig) -> Pipeline:
 
 def rule_params(cfg: RunConfig) -> dict[str, Any]:
     """The keyword parameters of ``cfg``'s rule, from the keys the rule declares."""
-    try:
-        cls = aggregator_class(cfg.aggregator)
-    except ValueError:
-        raise ConfigError(
-            f"{cfg.source} key 'aggregator': value {cfg.aggregator!r} is not allowed; "
-            f"allowed: one of {', '.join(repr(n) for n in _aggregator_names())}"
-        ) from None
-    return read_params(cls.options, cfg)
-
-
-def _aggregator_names() -> list[str]:
-    return [*Aggregator.registry]
+    check_choice(cfg, "aggregator", Aggregator.registry)
+    return read_params(aggregator_class(cfg.aggregator).options, cfg)
 
 
 def declared_options() -> tuple[Option, ...]:

@@ -62,7 +62,7 @@ def test_pyproject_defaults_validate_and_equal_model_defaults() -> None:
 def test_bad_value_error_names_key_value_and_allowed(key, value, allowed_fragment) -> None:
     values = app_defaults() | {key: value}
     with pytest.raises(ConfigError) as err:
-        RunConfig.from_flat(values)
+        load_run_config(values)
     message = str(err.value)
     assert repr(key) in message
     assert repr(value) in message
