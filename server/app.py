@@ -44,6 +44,7 @@ from common.rundir import (
 )
 from server.omniscient import OmniscientAdversary
 from server.reputation_report import reputation_summary, write_reputation_report
+from server.run_config import load_run_config
 from strategies.rules.from_config import pipeline_from_config, reputation_from_config
 from strategies.strategy import RobustStrategy, RoundOutcome
 from strategies.validation import MAX_REASON_CHARS, bounded
@@ -139,7 +140,7 @@ def send_and_receive(
 def main(grid: Grid, context: Context) -> None:
     """Run ``num-server-rounds`` rounds of federated training and write the results
     (or, with ``batch-file``, every cell of the batch one after the other)."""
-    cfg = RunConfig.from_flat(context.run_config)
+    cfg = load_run_config(context.run_config)  # every key, rule and attack checked
     if cfg.batch_file:
         _run_batch(grid, dict(context.run_config), cfg)
         return
@@ -213,7 +214,7 @@ def _run_batch(grid: Grid, run_config: dict[str, object], cfg: RunConfig) -> Non
     for i in range(len(cells)):
         row: dict[str, object] = {"round": i + 1, "cell": i}
         try:
-            cell_cfg = RunConfig.from_flat(cell_run_config(run_config, cfg.batch_file, i))
+            cell_cfg = load_run_config(cell_run_config(run_config, cfg.batch_file, i))
             results = _run_one(grid, cell_cfg, batch_cell=i)
             row |= {"output_dir": str(results.run_dir), "status": "completed"}
             row["final_accuracy"] = results.rounds[-1].get("central_accuracy")
