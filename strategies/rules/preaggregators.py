@@ -108,6 +108,13 @@ class _Randomized(PreAggregator):
         self.generator.set_state(state["generator"])
 
 
+def _groups_of_s(key: str, help: str) -> tuple[Option, ...]:
+    """The options of a step that averages groups of ``s``: its switch and size
+    (run-config ``key``, 0: off) and the run's seed."""
+    switch = Option(key, param="s", default=0, ge=0, le=100_000, off=0, help=f"{help} (0: off)")
+    return (switch, Option("seed", param="seed"))
+
+
 class _GroupsOfS(_Randomized):
     """A randomized step that averages inputs in groups of ``s`` (resample, bucket)."""
 
@@ -219,18 +226,7 @@ class Resample(_GroupsOfS):
     """
 
     name = "resample"
-    options = (
-        Option(
-            "resampling-s",
-            param="s",
-            default=0,
-            ge=0,
-            le=100_000,
-            off=0,
-            help="s-resampling: each output a mean of s updates (0: off)",
-        ),
-        Option("seed", param="seed"),
-    )
+    options = _groups_of_s("resampling-s", "s-resampling: each output a mean of s updates")
 
     def draw(self, n: int) -> Tensor:
         """The ``(n, n)`` mixing matrix of one resampling (consumes randomness)."""
@@ -276,18 +272,7 @@ class Bucket(_GroupsOfS):
     """
 
     name = "bucket"
-    options = (
-        Option(
-            "bucketing-s",
-            param="s",
-            default=0,
-            ge=0,
-            le=100_000,
-            off=0,
-            help="bucketing: means of s shuffled updates (0: off)",
-        ),
-        Option("seed", param="seed"),
-    )
+    options = _groups_of_s("bucketing-s", "bucketing: means of s shuffled updates")
 
     def draw(self, n: int) -> Tensor:
         """The ``(ceil(n/s), n)`` mixing matrix of one bucketing."""
