@@ -92,3 +92,22 @@ def test_the_project_keeps_its_contracts(tmp_path) -> None:
     result = _lint_imports(_copy_of_the_project(tmp_path))
     assert result.returncode == 0, result.stdout
     assert "Contracts: 2 kept, 0 broken." in result.stdout
+
+
+def test_every_package_is_installed_linted_and_in_the_images() -> None:
+    # a new top-level package must reach pip, the layer contracts and both images
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    installed = {
+        p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]
+    }
+    assert installed == set(PACKAGES)
+    assert set(project["tool"]["importlinter"]["root_packages"]) == set(PACKAGES)
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    for dockerfile in ("docker/Dockerfile", "docker/Dockerfile.cuda"):
+        text = (ROOT / dockerfile).read_text()
+        for name in PACKAGES:
+            assert f"COPY {name} /app/{name}" in text, f"{dockerfile} does not copy {name}/"
+    for name in PACKAGES:
+        assert f"!{name}/" in ignore, f".dockerignore keeps {name}/ out of the build context"
