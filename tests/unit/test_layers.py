@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -96,8 +97,6 @@ def test_the_project_keeps_its_contracts(tmp_path) -> None:
 
 def test_every_package_is_installed_linted_and_in_the_images() -> None:
     # a new top-level package must reach pip, the layer contracts and both images
-    import tomllib
-
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     installed = {
         p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]
