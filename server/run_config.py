@@ -42,8 +42,10 @@ def check_run_config(cfg: RunConfig) -> None:
 
 
 def load_run_config(values: Mapping[str, Any], *, source: str = "run config") -> RunConfig:
-    """:meth:`RunConfig.from_flat` and :func:`check_run_config` in one."""
-    cfg = RunConfig.from_flat(values, source=source)
+    """:meth:`RunConfig.from_flat` and :func:`check_run_config` in one; a declared key
+    that ``values`` leaves out gets its default, so the result (and the ``config.json``
+    a run writes from it) holds every key, as ``pyproject.toml`` lists them."""
+    cfg = RunConfig.from_flat(dict(defaults(declared_options())) | dict(values), source=source)
     check_run_config(cfg)
     return cfg
 
