@@ -39,7 +39,15 @@ GradSampleMode = Literal["hooks", "ew", "functorch", "ghost"]
 
 
 class ConfigError(ValueError):
-    """A run-config or node-config value is invalid; the message names key, value, rule."""
+    """A run-config or node-config value is invalid; the message names key, value, rule.
+
+    ``keys`` are the keys whose values were refused (empty for a rule about several
+    keys), so that a caller can go on checking the others.
+    """
+
+    def __init__(self, message: str, keys: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.keys = keys
 
 
 def _kebab(name: str) -> str:
@@ -64,7 +72,8 @@ class _FlatModel(BaseModel):
         try:
             obj = cls.model_validate(dict(values))
         except ValidationError as exc:
-            raise ConfigError(_format_errors(exc, values, source, cls)) from None
+            refused = tuple(str(e["loc"][0]) for e in exc.errors() if e.get("loc"))
+            raise ConfigError(_format_errors(exc, values, source, cls), refused) from None
         obj._source = source
         return obj
 

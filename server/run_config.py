@@ -15,7 +15,7 @@ from typing import Any
 
 from attacks import check_attack_config
 from attacks import declared_options as attack_options
-from common.config import RunConfig
+from common.config import ConfigError, RunConfig
 from common.options import Option, check_choice, check_options, defaults
 from strategies.rules.from_config import declared_options as rule_options
 from strategies.rules.from_config import pipeline_from_config
@@ -34,18 +34,40 @@ def check_run_config(cfg: RunConfig) -> None:
     attack, dataset or partitioner, steps that may not run together (every problem of
     the first kind is listed; the message names the key, the value and what is
     allowed)."""
-    check_options(cfg, declared_options())
-    check_choice(cfg, "dataset", DATASETS)
-    check_choice(cfg, "partitioner", PARTITIONERS)
-    check_attack_config(cfg)
-    pipeline_from_config(cfg)
+    problems = []
+    for check in (
+        lambda: check_options(cfg, declared_options()),
+        lambda: check_choice(cfg, "dataset", DATASETS),
+        lambda: check_choice(cfg, "partitioner", PARTITIONERS),
+        lambda: check_attack_config(cfg),
+        lambda: pipeline_from_config(cfg),
+    ):
+        try:
+            check()
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 def load_run_config(values: Mapping[str, Any], *, source: str = "run config") -> RunConfig:
     """:meth:`RunConfig.from_flat` and :func:`check_run_config` in one; a declared key
     that ``values`` leaves out gets its default, so the result (and the ``config.json``
     a run writes from it) holds every key, as ``pyproject.toml`` lists them."""
-    cfg = RunConfig.from_flat(dict(defaults(declared_options())) | dict(values), source=source)
+    merged = dict(defaults(declared_options())) | dict(values)
+    try:
+        cfg = RunConfig.from_flat(merged, source=source)
+    except ConfigError as exc:
+        # report what the components own too, checked with the refused keys' defaults
+        # (a rule about several keys refuses none: then there is nothing more to add)
+        kept = {k: v for k, v in merged.items() if k not in exc.keys}
+        if not exc.keys:
+            raise
+        try:
+            check_run_config(RunConfig.from_flat(kept, source=source))
+        except ConfigError as more:
+            raise ConfigError(f"{exc}\n{more}", exc.keys) from None
+        raise
     check_run_config(cfg)
     return cfg
 

@@ -117,3 +117,12 @@ def test_overrides_parse_toml_values_and_round_trip() -> None:
     assert parse_overrides(format_overrides(parsed)) == parsed
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides("lr")
+
+
+def test_every_problem_is_listed_fields_and_components_alike() -> None:
+    # a refused field does not hide a refused partitioner, rule key or unknown key
+    with pytest.raises(ConfigError) as err:
+        load_run_config({"lr": -1, "partitioner": "zipf", "cc-tau": -2.0, "bogus": 1})
+    message = str(err.value)
+    for fragment in ("'lr'", "'zipf'", "'cc-tau'", "'bogus'"):
+        assert fragment in message
