@@ -193,8 +193,9 @@ class LocalFederation:
         # Inherited by every process below ours; Flower detaches some of them (the
         # ServerApp runs in a session of its own), so process groups are not enough.
         self.tag = uuid.uuid4().hex
-        self.http_port = free_port(self.host)
-        self.fleet_port = free_port(self.host)
+        self._ports_given: set[int] = set()
+        self.http_port = self._new_port()
+        self.fleet_port = self._new_port()
         if self.security_dir is None:
             self.security_dir = self.flwr_home / "security"
         self.security_dir = Path(self.security_dir)
@@ -242,9 +243,22 @@ class LocalFederation:
         """Wait until the SuperLink listens on ``port`` (hook for other network setups)."""
         wait_for_port(self.host, port, timeout, popen)
 
+    def _new_port(self) -> int:
+        """A free port this federation has not handed out before.
+
+        :func:`free_port` closes its probe socket, so the OS may offer the same port
+        again before the process it went to has bound it: CI once saw two SuperNodes
+        of one federation get the same runtime API port, and one of them exit.
+        """
+        while True:
+            port = free_port(self.host)
+            if port not in self._ports_given:
+                self._ports_given.add(port)
+                return port
+
     def _supernode_port_args(self) -> list[str]:
         """Each SuperNode on this host needs its own ClientAppIo port."""
-        return ["--port", str(free_port(self.host))]
+        return ["--port", str(self._new_port())]
 
     def _security_files(self) -> security.FederationFiles:
         """CA, SuperLink certificate (for ``host`` and ``extra_sans`` too) and node keys."""
