@@ -141,24 +141,33 @@ def _watch_run(fed: LocalFederation, runner: Any, printer: RoundPrinter, deadlin
             new += more
         for row in new:
             printer.show(row)
+        # checked before `finished` counts: `flwr run` ends as soon as its SuperLink is
+        # gone, and the SuperLink's death is then the cause (CI saw that order)
+        _raise_if_superlink_died(fed)
         if finished:
             return
-        dead = [p for p in fed.dead_processes() if p.name == "superlink"]
-        if dead:
-            link = dead[0]
-            cause = failure_cause(link.log_path)
-            reason = f"the SuperLink exited with code {link.popen.returncode}" + (
-                f": {cause}" if cause else ""
-            )
-            raise RunFailed(
-                "failed",
-                reason,
-                f"{reason}\n  its log: {link.log_path}\n  log tail:\n{_tail(link.log_path, 10)}",
-            )
         if time.monotonic() > deadline:
             reason = "the run did not finish within --timeout"
             raise RunFailed("failed", reason, f"{reason} ({deadline:.0f} s)")
         time.sleep(0.25)
+
+
+def _raise_if_superlink_died(fed: LocalFederation) -> None:
+    """:class:`RunFailed` naming the SuperLink's exit code, the cause from its log, the
+    log's path and tail, when the federation's SuperLink is no longer running."""
+    dead = [p for p in fed.dead_processes() if p.name == "superlink"]
+    if not dead:
+        return
+    link = dead[0]
+    cause = failure_cause(link.log_path)
+    reason = f"the SuperLink exited with code {link.popen.returncode}" + (
+        f": {cause}" if cause else ""
+    )
+    raise RunFailed(
+        "failed",
+        reason,
+        f"{reason}\n  its log: {link.log_path}\n  log tail:\n{_tail(link.log_path, 10)}",
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -251,3 +251,21 @@ def test_readme_flag_table_matches_the_run_command_and_its_help() -> None:
     assert readme["--rounds"] == str(RunConfig().num_server_rounds)
     assert readme["--dataset"] == RunConfig().dataset
     assert readme["--aggregator"] == RunConfig().aggregator
+
+
+def test_a_dead_superlink_is_the_cause_even_when_flwr_run_ended_first(tmp_path) -> None:
+    # `flwr run` exits as soon as its SuperLink is gone; the watcher must still name the
+    # SuperLink (CI once saw the run reported as "ended without a summary")
+    from types import SimpleNamespace
+
+    log = tmp_path / "superlink.log"
+    log.write_text("Traceback (most recent call last):\nMemoryError: out of memory\n")
+    link = SimpleNamespace(name="superlink", log_path=log, popen=SimpleNamespace(returncode=-9))
+    fed = SimpleNamespace(dead_processes=lambda: [link])
+    runner = SimpleNamespace(popen=SimpleNamespace(poll=lambda: 1))  # already ended
+    printer = SimpleNamespace(diagnostics=tmp_path / "diagnostics.jsonl", show=lambda row: None)
+    with pytest.raises(cli.RunFailed) as err:
+        cli._watch_run(fed, runner, printer, deadline=time.monotonic() + 5)
+    assert "the SuperLink exited with code -9: MemoryError: out of memory" in str(err.value)
+    alive = SimpleNamespace(dead_processes=lambda: [])
+    cli._watch_run(alive, runner, printer, deadline=time.monotonic() + 5)  # a normal end
