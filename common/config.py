@@ -25,7 +25,7 @@ never disagree about what a key means.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
@@ -48,6 +48,17 @@ class ConfigError(ValueError):
     def __init__(self, message: str, keys: tuple[str, ...] = ()) -> None:
         super().__init__(message)
         self.keys = keys
+
+
+def not_allowed(source: str, key: str, value: Any, allowed: str, why: str = "") -> str:
+    """The one wording of a refused run-config or node-config value: the source, the
+    key, the value, optionally why, and what is allowed."""
+    return f"{source} key {key!r}: value {value!r} is not allowed{why}; allowed: {allowed}"
+
+
+def unknown_key(source: str, key: str, value: Any, known: Iterable[str]) -> str:
+    """The one wording of a key that no field and no component declares."""
+    return f"{source}: unknown key {key!r} (value {value!r}); known keys: {', '.join(known)}"
 
 
 def _kebab(name: str) -> str:
@@ -125,16 +136,13 @@ def _format_errors(
             lines.append(f"{source}: {err['msg'].removeprefix('Value error, ')}")
             continue
         if err["type"] == "extra_forbidden":
-            allowed = ", ".join(cls.keys())
-            lines.append(
-                f"{source}: unknown key {key!r} (value {err['input']!r}); known keys: {allowed}"
-            )
+            lines.append(unknown_key(source, key, err["input"], cls.keys()))
             continue
         value = values.get(key, values.get(key.replace("-", "_"), "<missing>"))
         what = _allowed(cls, key)
         # pydantic's own message for a Literal repeats the choices that `what` lists
         why = "" if err["type"] == "literal_error" else f" ({err['msg']})"
-        lines.append(f"{source} key {key!r}: value {value!r} is not allowed{why}; allowed: {what}")
+        lines.append(not_allowed(source, key, value, what, why))
     return "\n".join(lines)
 
 

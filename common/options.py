@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from common.config import ConfigError, RunConfig
+from common.config import ConfigError, RunConfig, not_allowed, unknown_key
 
 Scalar = bool | int | float | str
 
@@ -91,10 +91,7 @@ class Option:
                 and (self.le is None or value <= self.le)
             )
         if not ok:
-            raise ConfigError(
-                f"{source} key {self.key!r}: value {value!r} is not allowed; "
-                f"allowed: {self.allowed()}"
-            )
+            raise ConfigError(not_allowed(source, self.key, value, self.allowed()))
         return value
 
     def read(self, cfg: RunConfig) -> Scalar:
@@ -113,8 +110,7 @@ def check_choice(cfg: RunConfig, key: str, allowed: Iterable[str]) -> None:
     value = cfg.value(key)
     if value not in names:
         raise ConfigError(
-            f"{cfg.source} key {key!r}: value {value!r} is not allowed; allowed: one of "
-            + ", ".join(repr(n) for n in names)
+            not_allowed(cfg.source, key, value, "one of " + ", ".join(repr(n) for n in names))
         )
 
 
@@ -153,10 +149,7 @@ def check_options(cfg: RunConfig, options: Iterable[Option]) -> None:
     for key in cfg.extra_keys():
         if key not in declared:
             known = sorted({*RunConfig.keys(), *declared})
-            problems.append(
-                f"{cfg.source}: unknown key {key!r} (value {cfg.value(key)!r}); "
-                f"known keys: {', '.join(known)}"
-            )
+            problems.append(unknown_key(cfg.source, key, cfg.value(key), known))
             continue
         try:
             declared[key].read(cfg)
