@@ -533,7 +533,6 @@ def _grid_runner(backend: str, app_dir: Path, cell_timeout: float) -> Any:
         def run_batch(
             batch_file: Path, batch_dir: Path, clients: int, on_cell: Callable[[dict], None]
         ) -> int:
-
             cells = load_batch(batch_file)
             colluders = max(
                 (

@@ -167,7 +167,6 @@ class Layout:
 
     def malicious_ids(self) -> tuple[int, ...]:
         """Partitions of the malicious SuperNodes: ``bastion run --malicious``'s seeded rule."""
-
         return malicious_partitions(self.in_compose, self.malicious, self.seed)
 
     def partitions(self, role: str) -> tuple[int, ...]:

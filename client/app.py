@@ -28,8 +28,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from attacks import check_attack_config
-from attacks.byzantine import label_flip
+from attacks import check_attack_config, label_flip
 from client.malformed import fuzzed_node_reply, malformed_node_reply
 from client.malicious import AttackPlan, apply_attack, resolve_plan
 from client.privacy import PrivateRound, budget_error_reply, resolve_dp
@@ -50,7 +49,6 @@ def _setup(context: Context, msg: Message) -> tuple[RunConfig, NodeConfig]:
     cell = msg.content.config_records.get(protocol.CONFIG, {}).get(protocol.BATCH_CELL, -1)
     if run.batch_file and isinstance(cell, int) and cell >= 0:
         # one cell of a batch run: its own run config (see common.batch)
-
         run = RunConfig.from_flat(cell_run_config(context.run_config, run.batch_file, cell))
     check_attack_config(run)  # every node, honest or not, refuses an unknown attack
     node = NodeConfig.from_flat(context.node_config, source="node config")

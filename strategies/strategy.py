@@ -408,7 +408,7 @@ class RobustStrategy(FedAvg):
         quarantined nodes.
         """
         if self._global is None or self._layout is None:
-            raise RuntimeError("aggregate_train called before configure_train")
+            raise RuntimeError("train_round or aggregate_train called before configure_train")
         layout, global_arrays = self._layout, self._global
         summary, deltas, decoded = self._decode_replies(
             server_round, replies, layout, global_arrays
