@@ -168,6 +168,51 @@ class Clip(PreAggregator):
         return PreAggregationOutput(out, f, torch.diag(scale))
 
 
+class AdaptiveRobustClipping(PreAggregator):
+    """Adaptive Robust Clipping, ARC (Allouah, Guerraoui, Gupta, Pinot & Stephan,
+    "Adaptive Gradient Clipping for Robust Federated Learning", ICLR 2025,
+    arXiv:2405.14432, Algorithm 1).
+
+    With ``k = floor(2 (f / n) (n - f))``, the ``k`` inputs of largest L2 norm are
+    clipped to the norm of the ``(k + 1)``-th largest: ``x_i * min(1, c / ||x_i||)``
+    with ``c`` that norm. The radius follows the round's own updates (no fixed
+    ``clip-norm`` to tune), and at most ``k`` inputs, never more than the Byzantine
+    ones could push out, are changed; ``k = 0`` (e.g. ``f = 0``) leaves every input
+    as it is. Ties in norm go to the lower index (stable sort). Norms are float64;
+    the scaled rows are rounded to the input dtype.
+
+    The Byzantine count is unchanged: output ``i`` depends on input ``i`` only.
+    ``mixing`` is ``diag(scale)``. The paper pairs ARC with NNM and a robust rule.
+    """
+
+    name = "arc"
+    options = (Option("arc", default=False, off=False, help="adaptive robust clipping (ARC)"),)
+
+    @staticmethod
+    def clipped_count(n: int, f: int) -> int:
+        """``k = floor(2 (f / n) (n - f))``, the number of inputs ARC clips (exact in
+        integers), at most ``n - 1``."""
+        return min((2 * f * (n - f)) // n, n - 1) if n > 0 else 0
+
+    def _apply(self, x, f):
+        n = x.shape[0]
+        norms = K.row_sq_norms(x).to("cpu").sqrt_()
+        if not bool(torch.isfinite(norms).all()):
+            K.assert_finite(x, self.name)
+            raise ValueError("arc: norms overflow float64")
+        k = self.clipped_count(n, f)
+        scale = torch.ones(n, dtype=torch.float64)
+        if k > 0:
+            order = torch.sort(norms, descending=True, stable=True).indices
+            radius = float(norms[order[k]])
+            top = order[:k]
+            scale[top] = torch.where(
+                norms[top] > radius, radius / norms[top].clamp(min=1e-300), 1.0
+            )
+        out = x * scale.to(device=x.device, dtype=x.dtype)[:, None]
+        return PreAggregationOutput(out, f, torch.diag(scale))
+
+
 class NearestNeighborMixing(PreAggregator):
     """Nearest-Neighbour Mixing, NNM (Allouah, Farhadkhani, Guerraoui, Gupta,
     Pinot & Stephan, "Fixing by Mixing: A Recipe for Optimal Byzantine ML

@@ -423,7 +423,7 @@ def test_registry_names_are_the_ones_the_run_config_accepts():
         load_run_config({"aggregator": "krun"})
     assert "'krun'" in str(err.value) and all(repr(n) in str(err.value) for n in AGGREGATORS)
     # the order a pipeline runs its steps in
-    assert PREAGGREGATORS == ("clip", "nnm", "resample", "bucket")
+    assert PREAGGREGATORS == ("clip", "arc", "nnm", "resample", "bucket")
 
 
 def test_unknown_aggregator_lists_names():

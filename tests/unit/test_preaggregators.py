@@ -246,3 +246,46 @@ def test_pipeline_uses_aggregator_default_f_and_errors_without_one():
     pipe2 = compose([build_preaggregator("resample", s=3)], build_aggregator("krum"))
     with pytest.raises(ValueError, match="krum needs n >= 2f \\+ 3, got n=9, f=6"):
         pipe2(x, num_byzantine=2)
+
+
+# --------------------------------------------------------------------------- #
+# ARC (Allouah et al., ICLR 2025)                                              #
+# --------------------------------------------------------------------------- #
+@pytest.mark.parametrize(
+    ("n", "f", "k"),
+    # k = floor(2 (f / n) (n - f)), worked by hand
+    [(25, 5, 8), (10, 2, 3), (5, 1, 1), (3, 1, 1), (7, 3, 3), (5, 0, 0), (1, 0, 0)],
+)
+def test_arc_clips_floor_2f_n_minus_f_over_n_inputs(n, f, k) -> None:
+    from strategies.rules.preaggregators import AdaptiveRobustClipping
+
+    assert AdaptiveRobustClipping.clipped_count(n, f) == k
+
+
+def test_arc_clips_the_largest_to_the_next_largest_norm() -> None:
+    x = torch.tensor([[3.0, 4.0], [0.0, 1.0], [6.0, 8.0], [0.0, 2.0], [30.0, 40.0]])
+    # n = 5, f = 1: k = 1; the norm-50 row is clipped to the next largest norm, 10
+    out = build_preaggregator("arc")(x, num_byzantine=1)
+    expected = x.clone()
+    expected[4] = torch.tensor([6.0, 8.0])
+    assert torch.allclose(out.updates, expected) and out.num_byzantine == 1
+    assert torch.allclose(out.mixing, torch.diag(torch.tensor([1, 1, 1, 1, 0.2]).double()))
+    # n = 5, f = 2: k = floor(2 * 2 * 3 / 5) = 2; norms 50 and 10 clipped to 5
+    out = build_preaggregator("arc")(x, num_byzantine=2)
+    assert torch.allclose(out.updates[4], torch.tensor([3.0, 4.0]))
+    assert torch.allclose(out.updates[2], torch.tensor([3.0, 4.0]))
+    assert torch.equal(out.updates[[0, 1, 3]], x[[0, 1, 3]])
+
+
+def test_arc_without_byzantine_changes_nothing() -> None:
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
+    out = build_preaggregator("arc")(x, num_byzantine=0)
+    assert torch.equal(out.updates, x)
+
+
+def test_arc_joins_the_pipeline_after_clip_and_before_nnm() -> None:
+    from server.run_config import load_run_config
+    from strategies.rules.from_config import pipeline_from_config
+
+    cfg = load_run_config({"arc": True, "nnm": True, "clip-norm": 5.0, "aggregator": "median"})
+    assert [s.name for s in pipeline_from_config(cfg).preaggregators] == ["clip", "arc", "nnm"]
