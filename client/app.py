@@ -98,7 +98,7 @@ def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this node's partition and reply with it."""
     run, node = _setup(context, msg)
     instr = TrainInstructions.from_flat(msg.content[protocol.CONFIG], source="train config")
-    plan = resolve_plan(run, node)
+    plan = resolve_plan(run, node, server_round=instr.server_round)
     data = _client_data(run, node)
     device = resolve_device(run.device)
     global_state = msg.content[protocol.ARRAYS].to_torch_state_dict()

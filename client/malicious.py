@@ -57,6 +57,7 @@ class AttackPlan:
     colluders: int = 1
     collusion_dir: str = ""
     collusion_timeout: float = 60.0
+    start_round: int = 1
 
     @property
     def flips_labels(self) -> bool:
@@ -64,10 +65,17 @@ class AttackPlan:
         return self.attack == "label-flip"
 
 
-def resolve_plan(run: RunConfig, node: NodeConfig) -> AttackPlan | None:
+def resolve_plan(
+    run: RunConfig, node: NodeConfig, *, server_round: int | None = None
+) -> AttackPlan | None:
     """This node's attack plan, or ``None`` for an honest node (and for a
     ``role = "malformed"`` node, which trains honestly and breaks its reply
-    afterwards: :mod:`client.malformed`)."""
+    afterwards: :mod:`client.malformed`).
+
+    With ``server_round`` before the plan's ``attack-start-round``, an attacker's
+    plan is checked and then ``None``: the node behaves exactly like an honest one
+    (its own data, true labels, an honest update, no ``malicious`` flag).
+    """
     if node.role in ("honest", "malformed", "fuzz"):
         return None
     if node.role == "":
@@ -94,6 +102,7 @@ def resolve_plan(run: RunConfig, node: NodeConfig) -> AttackPlan | None:
         colluders=colluders,
         collusion_dir=mine.collusion_dir,
         collusion_timeout=run.collusion_timeout,
+        start_round=mine.attack_start_round,
     )
     if (
         plan.knowledge == "collude"
@@ -106,6 +115,8 @@ def resolve_plan(run: RunConfig, node: NodeConfig) -> AttackPlan | None:
             f"{plan.colluders} colluders; allowed: a directory every attacker can write "
             "(bastion run and bastion simulate set one), or attack-knowledge='own'"
         )
+    if server_round is not None and server_round < plan.start_round:
+        return None
     return plan
 
 

@@ -205,6 +205,9 @@ class RunConfig(_FlatModel):
     attack: str = "none"
     attack_knowledge: AttackKnowledge = "collude"
     attack_data: AttackData = "own"
+    # attackers behave exactly like honest nodes before this round (the internship
+    # report starts its attacks at round 10; Xie et al. 2020 after training has begun)
+    attack_start_round: int = Field(1, ge=1, le=100_000)
     collusion_dir: str = ""
     collusion_timeout: float = Field(60.0, gt=0, le=86_400)
     # Client-side differential privacy: DP-SGD (Abadi et al., 2016) with Opacus

@@ -58,6 +58,28 @@ def test_node_role_wins_over_the_run_rule() -> None:
     assert plan is not None and plan.params == {"epsilon": 10.0} and plan.data == "full"
 
 
+def test_attackers_are_honest_before_the_start_round() -> None:
+    cfg = run(
+        **{"num-malicious": 3, "attack": "ipm", "attack-knowledge": "own", "attack-start-round": 10}
+    )
+    chosen = malicious_partitions(10, 3, seed=0)
+    for pid in range(10):
+        for rnd, attacks in ((1, False), (9, False), (10, True), (11, True)):
+            plan = resolve_plan(cfg, node(pid), server_round=rnd)
+            assert (plan is not None) == (attacks and pid in chosen), (pid, rnd)
+    # without a round (a launcher's up-front check) the plan is resolved as before
+    assert resolve_plan(cfg, node(chosen[0])) is not None
+    # a node's own start round wins over the run's
+    own = node(0, role="malicious", attack="sign-flip", **{"attack-start-round": 3})
+    assert resolve_plan(run(), own, server_round=2) is None
+    assert resolve_plan(run(), own, server_round=3) is not None
+    # the plan is still checked before the start round: a broken one fails at round 1
+    with pytest.raises(ConfigError, match=r"'role'.*needs an attack"):
+        resolve_plan(run(**{"attack-start-round": 5}), node(0, role="malicious"), server_round=1)
+    with pytest.raises(ConfigError, match="attack-start-round"):
+        run(**{"attack-start-round": 0})
+
+
 def test_honest_by_default() -> None:
     assert resolve_plan(run(), node(3)) is None
 
