@@ -560,9 +560,25 @@ class CenteredClipping(Aggregator):
 
     The result becomes the next round's starting point; :meth:`state_dict`
     and :meth:`load_state_dict` checkpoint it and :meth:`reset` forgets it.
-    ``tau`` (default 10, as in the authors' code) must be matched to the scale
-    of the updates. Robust while ``f < n / 2`` (``n > 2f`` is checked when
-    ``num_byzantine`` is given).
+    Robust while ``f < n / 2`` (``n > 2f`` is checked when ``num_byzantine`` is
+    given).
+
+    The radius. A fixed ``tau`` (default 10, as in the authors' code) must be
+    matched to the scale of the updates: an update of norm 0.4 is never clipped
+    at tau = 10 (then CC is the mean), and a fixed tau lags when the scale of the
+    updates changes during training. With ``radius_scale = c > 0`` the radius
+    follows the data instead: in every iteration
+
+        tau = c * median_i ||x_i - v||
+
+    the median of that iteration's distances to the current centre. The paper's
+    analysis (Karimireddy, He & Jaggi 2021, Theorem III) sets tau from the honest
+    spread around the centre; the median distance is an estimate of that spread
+    that ``f < n / 2`` attackers cannot move past the honest distances (at least
+    ``n - f > n / 2`` of the distances are honest, so the median lies between the
+    smallest and the largest honest distance). Each attacker then moves ``v`` by
+    at most ``c * median / n`` per iteration. ``last_radius`` holds the radius of
+    the last iteration (the fixed ``tau`` when ``radius_scale`` is 0).
 
     Output: the aggregate equals ``(1 - sum(weights)) * v_0 + sum_i
     weights_i x_i`` where ``v_0`` is the starting point; ``scores`` are the
@@ -574,18 +590,45 @@ class CenteredClipping(Aggregator):
     options = (
         Option("cc-tau", param="tau", default=10.0, gt=0, help="clipping radius"),
         Option("cc-iterations", param="iterations", default=1, ge=1, le=1000),
+        Option(
+            "cc-radius-scale",
+            param="radius_scale",
+            default=0.0,
+            ge=0,
+            le=1e6,
+            help="0: the fixed radius cc-tau; c > 0: radius = c x the median distance "
+            "to the centre, recomputed each iteration",
+        ),
     )
 
     def __init__(
-        self, *, num_byzantine: int | None = None, tau: float = 10.0, iterations: int = 1
+        self,
+        *,
+        num_byzantine: int | None = None,
+        tau: float = 10.0,
+        iterations: int = 1,
+        radius_scale: float = 0.0,
     ) -> None:
         super().__init__(num_byzantine=num_byzantine)
         self.tau = float(_positive(self.name, "tau", tau))
         self.iterations = _positive(self.name, "iterations", iterations, integer=True)
+        scale = float(radius_scale)
+        if not math.isfinite(scale) or scale < 0:
+            raise ValueError(
+                f"{self.name}: radius_scale must be a finite number >= 0 (0: the fixed "
+                f"tau), got {radius_scale!r}"
+            )
+        self.radius_scale = scale
+        self.last_radius = self.tau
         self._previous: Tensor | None = None
 
     def params(self) -> dict[str, Any]:
-        return {**super().params(), "tau": self.tau, "iterations": self.iterations}
+        return {
+            **super().params(),
+            "tau": self.tau,
+            "iterations": self.iterations,
+            "radius_scale": self.radius_scale,
+        }
 
     def reset(self) -> None:
         """Forget the previous aggregate (the next call starts from zero)."""
@@ -625,7 +668,12 @@ class CenteredClipping(Aggregator):
             if not bool(torch.isfinite(dist).all()):
                 K.assert_finite(x, self.name)
                 raise ValueError("centered-clipping: distances overflow float64")
-            scale = torch.where(dist > self.tau, self.tau / dist.clamp(min=1e-300), 1.0) / n
+            tau = self.tau
+            if self.radius_scale > 0:
+                tau = self.radius_scale * float(torch.quantile(dist, 0.5))
+            self.last_radius = tau
+            # a radius of 0 (half the rows at the centre) moves nothing
+            scale = torch.where(dist > tau, tau / dist.clamp(min=1e-300), 1.0) / n
             # v_new = v + sum_i scale_i (x_i - v) = (1 - sum scale) v + sum_i scale_i x_i
             keep = 1.0 - float(scale.sum())
             v = K.combine_rows(x, scale, base=v, base_weight=keep)

@@ -122,7 +122,8 @@ def build_aggregator(name: str, **params: Any) -> Aggregator:
     - ``geometric-median``: ``num_byzantine=None``, ``max_iter=100``,
       ``nu=1e-6``, ``tol=1e-10``
     - ``bulyan``: ``num_byzantine=None`` (required here or per call)
-    - ``centered-clipping``: ``num_byzantine=None``, ``tau=10.0``, ``iterations=1``
+    - ``centered-clipping``: ``num_byzantine=None``, ``tau=10.0``, ``iterations=1``,
+      ``radius_scale=0.0`` (> 0: the radius follows the median distance)
 
     Raises ``ValueError`` for an unknown name (listing :data:`AGGREGATORS`),
     an unknown parameter (listing the rule's parameters) or a bad value.

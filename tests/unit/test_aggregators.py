@@ -298,6 +298,59 @@ def test_centered_clipping_two_rounds_by_hand():
     assert torch.allclose(cc(x), t([0.675, 0.9]))
 
 
+def test_centered_clipping_adaptive_radius_by_hand():
+    # v0 = 0; distances 3, 4, 1 -> median 3.
+    # c = 1: tau = 3, (0,4) is clipped to (0,3): v = ((3,0) + (0,3) + (-1,0)) / 3
+    x = t([[3, 0], [0, 4], [-1, 0]])
+    cc = build_aggregator("centered-clipping", radius_scale=1.0)
+    assert torch.allclose(cc(x), t([2 / 3, 1.0]))
+    assert cc.last_radius == pytest.approx(3.0)
+    # c = 0.5: tau = 1.5, (3,0) -> (1.5,0), (0,4) -> (0,1.5), (-1,0) kept
+    cc = build_aggregator("centered-clipping", radius_scale=0.5)
+    assert torch.allclose(cc(x), t([0.5 / 3, 0.5]))
+    # two iterations: the second median is taken around the new centre
+    # v1 = (2/3, 1); distances to v1: |(7/3,-1)| = sqrt(58)/3, |(-2/3,3)| = sqrt(85)/3,
+    # |(-5/3,-1)| = sqrt(34)/3 -> median sqrt(58)/3: only the second row is clipped
+    cc = build_aggregator("centered-clipping", radius_scale=1.0, iterations=2)
+    v1 = t([2 / 3, 1.0])
+    r = (58**0.5) / 3
+    second = (x[1] - v1) * (r / (85**0.5 / 3))
+    expected = v1 + ((x[0] - v1) + second + (x[2] - v1)) / 3
+    assert torch.allclose(cc(x), expected)
+    assert cc.last_radius == pytest.approx(r)
+
+
+def test_centered_clipping_adaptive_radius_follows_the_scale():
+    # the fixed radius is the mean for small updates and clips large ones; the
+    # adaptive one gives the same answer at every scale (it is scale-equivariant)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, 30, generator=g, dtype=torch.float64)
+    for factor in (1e-3, 1.0, 1e3):
+        fixed = build_aggregator("centered-clipping", tau=10.0)(x * factor)
+        adaptive = build_aggregator("centered-clipping", radius_scale=1.0)(x * factor)
+        assert torch.allclose(
+            adaptive, build_aggregator("centered-clipping", radius_scale=1.0)(x) * factor
+        )
+        if factor < 1:
+            assert torch.allclose(fixed, (x * factor).mean(0))  # never clips
+    # attackers far away cannot raise the radius: it stays between honest distances
+    honest = torch.randn(7, 30, generator=g, dtype=torch.float64)
+    attack = torch.full((3, 30), 1e6, dtype=torch.float64)
+    cc = build_aggregator("centered-clipping", radius_scale=1.0, num_byzantine=3)
+    out = cc(torch.cat([honest, attack]))
+    norms = honest.norm(dim=1)
+    assert float(norms.min()) <= cc.last_radius <= float(norms.max())
+    # each attacker moves the centre by at most radius / n
+    r = cc.last_radius
+    clipped = honest * torch.clamp(r / norms, max=1.0)[:, None]
+    assert float((out - clipped.sum(0) / 10).norm()) <= 3 * r / 10 + 1e-9
+
+
+def test_centered_clipping_radius_scale_is_checked():
+    with pytest.raises(ValueError, match="radius_scale"):
+        build_aggregator("centered-clipping", radius_scale=-1.0)
+
+
 def test_centered_clipping_state_dict_round_trip():
     g = torch.Generator().manual_seed(3)
     rounds = [torch.randn(6, 40, generator=g) * 3 for _ in range(3)]
