@@ -516,7 +516,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
     infeasible = sum(bool(c.infeasible) for c, _, _ in results)
     print(
         f"grid: {done}/{len(results) - infeasible} cells completed"
-        + (f" ({infeasible} infeasible, not run)" if infeasible else "")
+        + (f" ({infeasible} infeasible or pruned, not run)" if infeasible else "")
         + f"; table {out / 'results.md'} "
         f"({len(rows)} rows), plots: {', '.join(p.name for p in plots) or 'none'}"
     )

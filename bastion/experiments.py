@@ -22,6 +22,10 @@ cells, and optional sweeps (extra, smaller products)::
     fixed = {aggregator = "krum", attack = "ipm"}
     axes = {attack-epsilon = [0.1, 0.5, 1.0, 10.0]}
 
+    [[prune]]                    # cells not run, with the reason the tables show
+    where = {aggregator = "mean", pre = ["bucket", "nnm"]}   # axis labels (or lists)
+    why = "the mean of bucket means is the mean"
+
 Each cell is one Bastion run whose results directory is
 ``<out>/cells/<slug>``; a cell whose ``summary.json`` says ``completed`` is
 skipped, so an interrupted grid resumes where it stopped. ``attack = "none"``
@@ -66,6 +70,11 @@ class Cell:
     group: str = "main"  # "main" or the sweep's name
     # why the cell's rule cannot run with this many clients (then it is not run)
     infeasible: str = ""
+
+    @property
+    def pruned(self) -> bool:
+        """Left out by a ``[[prune]]`` section (its reason is :attr:`infeasible`)."""
+        return self.infeasible.startswith(PRUNED)
 
     @property
     def slug(self) -> str:
@@ -129,6 +138,48 @@ def _product(axes: Mapping[str, Any]) -> Iterable[tuple[dict[str, str], dict[str
         yield labels, overrides
 
 
+#: how the reason of a cell left out by a ``[[prune]]`` section begins
+PRUNED = "pruned: "
+
+
+@dataclass(frozen=True)
+class Prune:
+    """A ``[[prune]]`` section: cells whose labels match ``where`` are not run."""
+
+    where: dict[str, tuple[str, ...]]
+    why: str
+
+    def matches(self, labels: Mapping[str, str]) -> bool:
+        return all(labels.get(axis) in values for axis, values in self.where.items())
+
+
+def _prunes(sections: Any, axes: Iterable[str]) -> list[Prune]:
+    if not isinstance(sections, list):
+        raise ConfigError(
+            f"grid key 'prune': value {sections!r} is not allowed; allowed: [[prune]] tables"
+        )
+    known = set(axes)
+    out = []
+    for section in sections:
+        where, why = section.get("where"), section.get("why")
+        if not isinstance(where, dict) or not where or not isinstance(why, str) or not why:
+            raise ConfigError(
+                f"grid [[prune]] {section!r} is not allowed; allowed: a non-empty table "
+                "'where' of axis labels and a non-empty string 'why'"
+            )
+        for axis in where:
+            if axis not in known:
+                raise ConfigError(
+                    f"grid [[prune]] key {axis!r} is not allowed; allowed: one of the "
+                    f"[axes] {sorted(known)}"
+                )
+        values = {
+            k: tuple(str(x) for x in (v if isinstance(v, list) else [v])) for k, v in where.items()
+        }
+        out.append(Prune(values, why))
+    return out
+
+
 def load_grid(path: str | Path) -> Grid:
     """Parse and validate a grid file; every cell's run config is checked up front,
     and cells whose rule cannot run with the grid's clients are marked infeasible."""
@@ -145,6 +196,7 @@ def load_grid(path: str | Path) -> Grid:
     malicious = int(head.get("malicious", 0))
     base = dict(data.get("base", {}))
     grid = Grid(clients, backend, malicious, base)
+    prunes = _prunes(data.get("prune", []), data.get("axes", {}))
     sections = [("main", {}, data.get("axes", {}))]
     for sweep in data.get("sweep", []):
         sections.append((str(sweep["name"]), dict(sweep.get("fixed", {})), sweep.get("axes", {})))
@@ -168,6 +220,9 @@ def load_grid(path: str | Path) -> Grid:
             # e.g. Bulyan after s = 2 resampling needs n >= 4 (2f) + 3: such a cell would
             # only log "aggregation skipped" every round, so it is listed, not run
             problem = check_rule_fits(cfg, clients) or ""
+            if group == "main":
+                why = next((p.why for p in prunes if p.matches(labels)), "")
+                problem = f"{PRUNED}{why}" if why else problem
             cell = Cell(labels | {k: str(v) for k, v in fixed.items()}, full, group, problem)
             key = json.dumps(full, sort_keys=True)
             if key not in seen:  # a sweep may repeat a main cell: run (and list) it once
@@ -288,7 +343,9 @@ def cell_row(cell: Cell, cell_dir: Path) -> dict[str, Any]:
     return {
         "group": cell.group,
         **cell.labels,
-        "status": "infeasible" if cell.infeasible else summary.get("status", "missing"),
+        "status": ("pruned" if cell.pruned else "infeasible")
+        if cell.infeasible
+        else summary.get("status", "missing"),
         "final_accuracy": summary.get("final_accuracy"),
         "best_accuracy": max((r.get("central_accuracy", 0.0) for r in rows), default=None),
         # under non-IID data the accuracy swings by ~0.1 from round to round: the mean
@@ -346,7 +403,9 @@ def write_tables(
     lines += ["| " + " | ".join(fmt(r.get(k)) for k in shown) + " |" for r in rows]
     by_slug = {c.slug: row for (c, _, _), row in zip(results, rows, strict=True)}
     md = "\n".join(lines) + "\n"
-    md += "".join(pivot_tables([c for c, _, _ in results], by_slug, m) for m in PIVOTS)
+    cells = [c for c, _, _ in results]
+    md += ranking_tables(cells, by_slug)
+    md += "".join(pivot_tables(cells, by_slug, m) for m in PIVOTS)
     (out / "results.md").write_text(md + sweep_tables(sweeps, by_slug))
     return rows
 
@@ -360,7 +419,7 @@ def sweep_tables(sweeps: Sequence[Sweep], rows: Mapping[str, dict[str, Any]]) ->
         fixed = ", ".join(f"{k}={v}" for k, v in sweep.fixed.items())
         parts += [
             f"\n### Sweep {sweep.name}: {sweep.key}" + (f" ({fixed})" if fixed else "") + "\n",
-            "(– not run yet; n/a: the rule cannot run with this many clients)\n",
+            NOT_RUN_LEGEND,
             f"| {sweep.key} | final accuracy | best accuracy | malicious influence | max epsilon |",
             "|---|---|---|---|---|",
         ]
@@ -380,6 +439,12 @@ def sweep_tables(sweeps: Sequence[Sweep], rows: Mapping[str, dict[str, Any]]) ->
 def _fmt(value: Any, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
+
+#: the legend under every table of ``results.md``
+NOT_RUN_LEGEND = (
+    "(– not run yet; n/a: not run, because the rule cannot run with this many clients or "
+    "a [[prune]] section left it out: results.csv's note says which)\n"
+)
 
 #: The pivot tables of ``results.md``: a :func:`cell_row` column and its title.
 PIVOTS = {
@@ -422,8 +487,74 @@ def pivot_tables(
             shown = f"{value:.3f}" if value is not None else "–"
             table[c.labels["attack"]][defence(c)] = "n/a" if c.infeasible else shown
         out.append(f"\n### {PIVOTS[metric]}, partitioner = {part}\n")
-        out.append("(– not run yet; n/a: the rule cannot run with this many clients)\n")
+        out.append(NOT_RUN_LEGEND)
         out.append("| attack | " + " | ".join(defences) + " |")
         out.append("|---|" + "---|" * len(defences))
         out += [f"| {a} | " + " | ".join(table[a].values()) + " |" for a in attacks]
+    return "\n".join(out) + "\n"
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, var**0.5
+
+
+def _plain(stat: tuple[float, float] | None) -> str:
+    return "–" if stat is None else f"{stat[0]:.3f}"
+
+
+def _with_spread(stat: tuple[float, float] | None) -> str:
+    return "–" if stat is None else f"{stat[0]:.3f} ± {stat[1]:.3f}"
+
+
+def ranking_tables(
+    cells: Sequence[Cell], rows: Mapping[str, dict[str, Any]], metric: str = "final_accuracy"
+) -> str:
+    """Markdown tables, one per partitioner, with one row per defence: ``metric`` under
+    each attack (mean ± sample standard deviation over the ``seed`` axis when it has
+    several values), then the worst case over the attacks. Defences whose every
+    attack finished come first, best worst case first; the others follow with the
+    cells they have. This is the table a defence is chosen from."""
+    main = [c for c in cells if c.group == "main" and "attack" in c.labels and not c.infeasible]
+    if not main:
+        return ""
+    out = []
+    for part in dict.fromkeys(c.labels.get("partitioner", "all") for c in main):
+        members = [c for c in main if c.labels.get("partitioner", "all") == part]
+        attacks = list(dict.fromkeys(c.labels["attack"] for c in members))
+        values: dict[str, dict[str, list[float]]] = {}
+        for c in members:
+            row = rows[c.slug]
+            per_attack = values.setdefault(defence(c), {a: [] for a in attacks})
+            if row["status"] == "completed" and row.get(metric) is not None:
+                per_attack[c.labels["attack"]].append(float(row[metric]))
+        expected: dict[tuple[str, str], int] = {}  # cells per (defence, attack): seeds
+        for c in members:
+            expected.setdefault((defence(c), c.labels["attack"]), 0)
+            expected[(defence(c), c.labels["attack"])] += 1
+        table = []
+        for name, per_attack in values.items():
+            complete = all(len(per_attack[a]) == expected.get((name, a), 0) > 0 for a in attacks)
+            stats = {a: _mean_std(v) for a, v in per_attack.items() if v}
+            worst = min((m for m, _ in stats.values()), default=None) if complete else None
+            table.append((name, stats, worst))
+        table.sort(key=lambda t: (t[2] is None, -(t[2] or 0.0)))
+        seeds = max(expected.values())
+        fmt = _with_spread if seeds > 1 else _plain
+        title = PIVOTS.get(metric, metric)
+        out.append(
+            f"\n### Defences ranked by their worst case ({title.lower()}), partitioner = {part}\n"
+        )
+        if seeds > 1:
+            out.append(f"(mean ± sample standard deviation over {seeds} seeds)\n")
+        out.append("| defence | " + " | ".join(attacks) + " | worst |")
+        out.append("|---|" + "---|" * (len(attacks) + 1))
+        for name, stats, worst in table:
+            cols = [fmt(stats.get(a)) for a in attacks]
+            cols.append("–" if worst is None else f"{worst:.3f}")
+            out.append(f"| {name} | " + " | ".join(cols) + " |")
     return "\n".join(out) + "\n"

@@ -240,3 +240,75 @@ def test_dp_grids_plot_accuracy_and_epsilon_per_noise_level(tmp_path: Path) -> N
     plots = {p.name for p in plot_grid(results, out)}
     assert "privacy.png" in plots and (out / "privacy.png").stat().st_size > 5000
     # (a grid without DP draws none: test_grid_resumes_and_reports lists its plots)
+
+
+def test_pruned_cells_are_listed_with_their_reason_and_not_run(tmp_path: Path) -> None:
+    text = GRID + '\n[[prune]]\nwhere = {aggregator = "krum", partitioner = ["label-sorted"]}\n'
+    text += 'why = "krum collapses on label-sorted data"\n'
+    grid = load_grid(write(tmp_path, text))
+    pruned = [c for c in grid.cells if c.pruned]
+    assert {(c.labels["aggregator"], c.labels["partitioner"]) for c in pruned} == {
+        ("krum", "label-sorted")
+    }
+    assert len(pruned) == 2 and all("collapses" in c.infeasible for c in pruned)
+    # a sweep cell is never pruned by the main grid's [[prune]]
+    assert not any(c.pruned for c in grid.cells if c.group != "main")
+    calls: list[str] = []
+    lines: list[str] = []
+    results = run_grid(grid, tmp_path / "out", fake_runner(calls), echo=lines.append)
+    assert not {c.slug for c in pruned} & set(calls)
+    assert any("2 cell(s) not run: pruned: krum collapses" in line for line in lines)
+    rows = write_tables(results, tmp_path / "out")
+    assert [r["note"] for r in rows if r["status"] == "pruned"] == [
+        "pruned: krum collapses on label-sorted data"
+    ] * 2
+    for bad, match in (
+        ('[[prune]]\nwhere = {rule = "krum"}\nwhy = "x"\n', r"'rule'.*one of the \[axes\]"),
+        ('[[prune]]\nwhere = {aggregator = "krum"}\n', "non-empty string 'why'"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            load_grid(write(tmp_path, GRID + "\n" + bad))
+
+
+def test_ranking_table_orders_defences_by_their_worst_case_over_seeds(tmp_path: Path) -> None:
+    text = """
+[grid]
+clients = 6
+malicious = 1
+
+[base]
+dataset = "digits"
+num-server-rounds = 2
+
+[axes]
+attack = [{attack = "none"}, {attack = "ipm", label = "ipm"}]
+aggregator = ["mean", "krum"]
+seed = [0, 1]
+"""
+    grid = load_grid(write(tmp_path, text))
+    # clean: mean 0.70 / 0.72, krum 0.60; under IPM: mean 0.10, krum 0.50 / 0.60
+    accuracy = {
+        ("mean", "none"): (0.70, 0.72),
+        ("mean", "ipm"): (0.10, 0.10),
+        ("krum", "none"): (0.60, 0.60),
+        ("krum", "ipm"): (0.50, 0.60),
+    }
+
+    def runner(overrides: dict, cell_dir: Path, clients: int) -> int:
+        cell_dir.mkdir(parents=True, exist_ok=True)
+        acc = accuracy[(overrides["aggregator"], overrides["attack"])][overrides["seed"]]
+        (cell_dir / "metrics.jsonl").write_text(json.dumps({"round": 1}) + "\n")
+        summary = {"status": "completed", "final_accuracy": acc}
+        (cell_dir / "summary.json").write_text(json.dumps(summary))
+        return 0
+
+    out = tmp_path / "out"
+    write_tables(run_grid(grid, out, runner, echo=lambda _: None), out)
+    md = (out / "results.md").read_text()
+    ranked = md.split("### Defences ranked by their worst case")[1].split("###")[0]
+    lines = [line for line in ranked.splitlines() if line.startswith("| ")]
+    assert lines[0] == "| defence | none | ipm | worst |"
+    # krum's worst case (0.55) beats the mean's (0.10): krum first
+    assert lines[1] == "| krum | 0.600 ± 0.000 | 0.550 ± 0.071 | 0.550 |"
+    assert lines[2] == "| mean | 0.710 ± 0.014 | 0.100 ± 0.000 | 0.100 |"
+    assert "over 2 seeds" in ranked
