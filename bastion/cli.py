@@ -22,6 +22,14 @@ from typing import Any, get_args
 from attacks import attack_names
 from bastion import security
 from bastion.console import RoundPrinter, WallClock, final_table, plural, resume_command
+from bastion.defences import (
+    DEFENCES,
+    RECOMMENDED,
+    defences_report,
+    fragile_rule_note,
+    get_defence,
+    with_defence,
+)
 from bastion.experiment_plots import plot_grid
 from bastion.experiments import cell_done, load_grid, run_grid, write_tables
 from bastion.federation import LocalFederation, ProcessStartError, failure_cause
@@ -86,6 +94,17 @@ def build_run_config(args: argparse.Namespace, app_dir: Path) -> tuple[RunConfig
         "resume": True if getattr(args, "resume", False) else None,
     }
     overrides |= {k: v for k, v in flags.items() if v is not None}
+    preset = getattr(args, "defence", None)
+    if preset:  # the preset's keys first: what the user wrote wins
+        mine = dict(overrides)
+        overrides = with_defence(preset, overrides)
+        kept = {k: v for k, v in get_defence(preset).keys.items() if k not in mine}
+        changed = sorted(set(get_defence(preset).keys) - set(kept))
+        print(
+            f"bastion: --defence {preset}: "
+            + " ".join(f"{k}={v}" for k, v in kept.items())
+            + (f" (yours win for {', '.join(changed)})" if changed else "")
+        )
     overrides.setdefault("min-available-nodes", args.clients)
     overrides.setdefault(
         "min-train-nodes", min(args.clients, int(overrides["min-available-nodes"]))
@@ -342,6 +361,9 @@ def _checked_run_config(
     if problem:
         print(f"bastion: {problem}", file=sys.stderr)
         return None
+    note = fragile_rule_note(cfg, used_defence=bool(getattr(args, "defence", None)))
+    if note:
+        print(f"bastion: {note}", file=sys.stderr)
     return app_dir, cfg, overrides
 
 
@@ -472,6 +494,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print("\nbastion: interrupted; the simulation was stopped", file=sys.stderr)
         failure = RunFailed("interrupted", f"stopped by {exc or 'Ctrl-C'}", "", code=130)
     return _report_outcome(args, cfg, run_dir, printer.rows, failure, attempt_started, clock)
+
+
+def cmd_defences(args: argparse.Namespace) -> int:
+    """``bastion defences``: the named defences."""
+    print(defences_report())
+    return 0
 
 
 def _echo(line: str) -> None:
@@ -640,6 +668,12 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         "'attack-epsilon=... attack-z=... attack-sigma=... attack-scale=... "
         'attack-knowledge="own"\')',
     )
+    p.add_argument(
+        "--defence",
+        help=f"a named defence: pre-aggregation chain, rule and client momentum in one "
+        f"(one of {', '.join(DEFENCES)}; recommended: {RECOMMENDED}; needs "
+        "--num-byzantine; `bastion defences` lists them; --run-config and the flags win)",
+    )
     p.add_argument("--output-dir", help="results directory (default: a new folder in ./runs/)")
     p.add_argument(
         "--resume",
@@ -723,6 +757,14 @@ def make_parser() -> argparse.ArgumentParser:
     )
     _add_run_flags(sim)
     sim.set_defaults(func=cmd_simulate)
+
+    presets = sub.add_parser(
+        "defences",
+        help="list the named defences (--defence) with their keys and evidence",
+        description="Print every defence preset: its run-config keys, the equivalent "
+        "flwr run --run-config text, and where the evidence for it is.",
+    )
+    presets.set_defaults(func=cmd_defences)
 
     grid = sub.add_parser(
         "grid",

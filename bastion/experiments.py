@@ -22,6 +22,8 @@ cells, and optional sweeps (extra, smaller products)::
     fixed = {aggregator = "krum", attack = "ipm"}
     axes = {attack-epsilon = [0.1, 0.5, 1.0, 10.0]}
 
+    # an axis value may name a defence preset (bastion.defences): {defence = "name"}
+
     [[prune]]                    # cells not run, with the reason the tables show
     where = {aggregator = "mean", pre = ["bucket", "nnm"]}   # axis labels (or lists)
     why = "the mean of bucket means is the mean"
@@ -48,6 +50,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bastion.defences import get_defence
 from bastion.preflight import check_rule_fits
 from common.batch import write_batch
 from common.config import ConfigError
@@ -120,6 +123,10 @@ def _axis_values(name: str, values: Any) -> list[tuple[str, dict[str, Any]]]:
     for value in values:
         if isinstance(value, dict):
             value = dict(value)
+            if "defence" in value:  # a named preset (bastion.defences); its own keys win
+                name = str(value.pop("defence"))
+                value = dict(get_defence(name).keys) | value
+                value.setdefault("label", name)
             label = str(value.pop("label", " ".join(f"{v}" for v in value.values())))
             out.append((label, value))
         else:

@@ -1,0 +1,128 @@
+"""Named defences: one flag for a pre-aggregation chain, a rule and client momentum.
+
+A defence preset is a set of run-config keys chosen from the heterogeneity
+experiment (``docs/ROBUSTNESS.md``, "Heterogeneous data"), so that a deployer does
+not have to assemble the chain key by key::
+
+    bastion run --defence robust-noniid --num-byzantine 2 --malicious 2 --attack alie
+
+The preset's keys go first; ``--run-config`` and the flags then win over them, so
+any part of a preset can be changed. ``bastion defences`` lists the presets with the
+``--run-config`` text that gives the same run under plain ``flwr run``. A preset
+needs ``num-byzantine`` > 0: the number of attackers it must tolerate is a property
+of the deployment, not of the preset.
+
+:data:`FRAGILE` records, per rule, what the same experiment measured when that rule
+ran alone on label-sorted data without any attacker; ``bastion run`` and ``bastion
+simulate`` print it as a note, with the recommended preset, when a user picks such
+a rule on non-IID partitions.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from common.config import ConfigError, RunConfig
+
+Scalar = bool | int | float | str
+
+
+@dataclass(frozen=True)
+class Defence:
+    """A named set of run-config keys, with the evidence it was chosen on."""
+
+    name: str
+    keys: Mapping[str, Scalar]
+    summary: str
+    evidence: str
+
+    def run_config_text(self) -> str:
+        """The keys in ``flwr run --run-config`` syntax (strings quoted, booleans lower)."""
+        parts = []
+        for key, value in self.keys.items():
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, str):
+                text = f'"{value}"'
+            else:
+                text = repr(value)
+            parts.append(f"{key}={text}")
+        return " ".join(parts)
+
+
+#: The presets, by name; :data:`RECOMMENDED` is the one the docs and hints name.
+DEFENCES: dict[str, Defence] = {
+    d.name: d
+    for d in (
+        Defence(
+            name="robust-noniid",
+            keys={
+                "client-momentum": 0.9,
+                "nnm": True,
+                "aggregator": "trimmed-mean",
+            },
+            summary="client momentum 0.9, nearest-neighbour mixing, trimmed mean",
+            evidence="docs/ROBUSTNESS.md, 'Heterogeneous data'",
+        ),
+    )
+}
+
+#: The defence ``bastion run`` suggests and the README's example uses.
+RECOMMENDED = "robust-noniid"
+
+#: What a rule alone did on label-sorted Fashion-MNIST (n = 25) without any attacker,
+#: from docs/ROBUSTNESS.md; ``bastion run`` prints it when a user picks the rule on
+#: non-IID partitions without a defence preset.
+FRAGILE: dict[str, str] = {}
+
+
+def get_defence(name: str) -> Defence:
+    """The preset ``name``, or :class:`ConfigError` naming the value and the presets."""
+    if name not in DEFENCES:
+        allowed = ", ".join(repr(n) for n in DEFENCES)
+        raise ConfigError(
+            f"option '--defence': value {name!r} is not allowed; allowed: one of {allowed}"
+        )
+    return DEFENCES[name]
+
+
+def with_defence(name: str, overrides: Mapping[str, Scalar]) -> dict[str, Scalar]:
+    """``overrides`` laid over the preset's keys (what the user wrote wins), checked to
+    give the preset a Byzantine count to work with."""
+    chosen = get_defence(name)
+    merged = dict(chosen.keys) | dict(overrides)
+    if int(merged.get("num-byzantine", 0)) <= 0:
+        raise ConfigError(
+            f"option '--defence': value {name!r} needs run config key 'num-byzantine' > 0 "
+            "(--num-byzantine F: how many attackers the defence must tolerate)"
+        )
+    return merged
+
+
+def fragile_rule_note(cfg: RunConfig, used_defence: bool) -> str | None:
+    """A one-paragraph note for a run whose rule the experiment saw fail on non-IID data
+    without any attacker, or ``None``."""
+    if used_defence or cfg.partitioner == "iid" or cfg.aggregator not in FRAGILE:
+        return None
+    preset = DEFENCES[RECOMMENDED]
+    return (
+        f"note: {cfg.aggregator} alone {FRAGILE[cfg.aggregator]} on label-sorted "
+        f"Fashion-MNIST with no attacker at all ({preset.evidence}); on non-IID data "
+        f"consider --defence {preset.name} ({preset.summary})"
+    )
+
+
+def defences_report() -> str:
+    """The text of ``bastion defences``: every preset, its keys and its evidence."""
+    lines = []
+    for d in DEFENCES.values():
+        star = " (recommended)" if d.name == RECOMMENDED else ""
+        lines += [
+            f"{d.name}{star}: {d.summary}",
+            f"  bastion run --defence {d.name} --num-byzantine F ...",
+            f"  flwr run . --run-config {shlex.quote(d.run_config_text() + ' num-byzantine=F')}",
+            f"  evidence: {d.evidence}",
+        ]
+    return "\n".join(lines)
