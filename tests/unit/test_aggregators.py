@@ -567,6 +567,14 @@ def test_cuda_matches_cpu():
             assert torch.allclose(gpu.vector.cpu(), cpu.vector, rtol=1e-5, atol=1e-6), name
         if cpu.selected is not None:
             assert torch.equal(gpu.selected, cpu.selected), name
+    # centered clipping with the radius that follows the data (median on the device)
+    cpu_cc = build_aggregator("centered-clipping", radius_scale=1.0, iterations=3)
+    gpu_cc = build_aggregator("centered-clipping", radius_scale=1.0, iterations=3)
+    for _ in range(2):  # two rounds: the second starts from the first's aggregate
+        expected, got = cpu_cc(x), gpu_cc(xc)
+        assert got.device.type == "cuda"
+        assert torch.allclose(got.cpu(), expected, rtol=1e-5, atol=1e-6)
+        assert gpu_cc.last_radius == pytest.approx(cpu_cc.last_radius, rel=1e-9)
     for name in PREAGGREGATORS:
         params = {"max_norm": 50.0} if name == "clip" else {}
         cpu = build_preaggregator(name, **params)(x, num_byzantine=2)
