@@ -18,6 +18,11 @@ node whose privacy budget is spent replies with an error message instead. A node
 with node config ``role = "malformed"`` trains honestly, then breaks its reply on
 purpose, one kind of :mod:`client.malformed`'s corpus per round; one with
 ``role = "fuzz"`` byte-mutates one ``.npy`` header of its reply every round.
+
+With run-config ``client-momentum`` > 0 every node (attackers too, before they
+attack) replies with the global model plus its momentum over the rounds it trained
+(:mod:`client.momentum`) instead of its trained model; an attacker's honest estimate
+is that momentum.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from flwr.clientapp import ClientApp
 from attacks import check_attack_config, label_flip
 from client.malformed import fuzzed_node_reply, malformed_node_reply
 from client.malicious import AttackPlan, apply_attack, resolve_plan
+from client.momentum import MomentumStore
 from client.privacy import PrivateRound, budget_error_reply, resolve_dp
 from common import protocol
 from common.batch import cell_run_config
@@ -105,13 +111,15 @@ def train(msg: Message, context: Context) -> Message:
     model = _model_from(global_state, run.dataset)
     train_set = _training_set(run, node, plan, data)
     dp = resolve_dp(run, node)
+    # a resumed run keeps the first attempt's node state (privacy ledger, momentum)
+    state_run = instr.ledger_run or context.run_id
     private: PrivateRound | None = None
     if dp is not None:  # DP-SGD, accounted over the whole run (client.privacy)
         private = PrivateRound.for_node(
             dp,
             node,
             instr,
-            run_id=instr.ledger_run or context.run_id,
+            run_id=state_run,
             num_examples=len(train_set),
             run=run,
         )
@@ -137,7 +145,12 @@ def train(msg: Message, context: Context) -> Message:
         del values[protocol.TRAIN_LOSS]
         values |= private.metrics()
     state = model.to("cpu").state_dict()
-    if plan is not None:
+    if run.client_momentum > 0:  # the node's momentum instead of its update (client.momentum)
+        store = MomentumStore.for_node(node, state_run, instr.batch_cell)
+        state = store.reply(
+            global_state, state, beta=run.client_momentum, server_round=instr.server_round
+        )
+    if plan is not None:  # with client momentum, the attack starts from the node's momentum
         state, crafted = apply_attack(
             plan,
             global_state,

@@ -19,6 +19,12 @@ gives it an honest update estimate. Then, by ``attack-knowledge``:
   (:mod:`server.omniscient`), outside the strategy, replaces it with the attack
   computed from every honest update of the round.
 
+With run-config ``client-momentum`` > 0 (:mod:`client.momentum`) the honest estimate
+is the attacker's own momentum, kept like an honest node's (of its poisoned updates
+for ``label-flip``; of honest ones before ``attack-start-round``, when it is honest):
+``own`` attacks it, colluders pool their momenta, and the omniscient hook reads the
+honest nodes' replies, which are their momenta.
+
 Every malicious reply carries the metric ``malicious = 1`` so that experiments can
 score defences against ground truth. A real attacker would not send it; the
 strategy never reads it (only the diagnostics record it).

@@ -43,7 +43,6 @@ import fcntl
 import json
 import math
 import os
-import re
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -54,9 +53,9 @@ import torch
 from flwr.app import Error, Message
 from flwr.common import log
 
+from client.state import STATE_DIR_ENV, state_dir, state_file
 from common import protocol
 from common.config import ConfigError, NodeConfig, RunConfig, TrainInstructions, overlay
-from task.cache import cache_dir
 from task.datasets import ArrayDataset
 from task.training import DPTrainResult, dp_num_steps, dp_sample_rate, train_local_dp
 
@@ -75,15 +74,11 @@ __all__ = [
     "state_dir",
 ]
 
-#: Environment variable naming the directory of the nodes' privacy ledgers.
-STATE_DIR_ENV = "BASTION_STATE_DIR"
-
 #: ``Error.code`` of a reply refused because the privacy budget is spent (Flower's
 #: own codes, ``flwr.common.constant.ErrorCode``, are small integers from 0).
 DP_BUDGET_EXHAUSTED = 1001
 
 _LEDGER_VERSION = 1
-_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
 @dataclass(frozen=True)
@@ -127,29 +122,11 @@ def resolve_dp(run: RunConfig, node: NodeConfig) -> DPSettings | None:
     return settings
 
 
-def state_dir(node: NodeConfig) -> Path:
-    """Where this node keeps its privacy ledger.
-
-    The node config's ``state-dir``; else ``$BASTION_STATE_DIR``; else ``state/``
-    under Bastion's cache directory (``$BASTION_CACHE_DIR``, by default
-    ``~/.cache/bastion``, so ``~/.cache/bastion/state``).
-    """
-    if node.state_dir:
-        return Path(node.state_dir).expanduser()
-    env = os.environ.get(STATE_DIR_ENV, "").strip()
-    if env:
-        return Path(env).expanduser()
-
-    return cache_dir() / "state"
-
-
 def ledger_path(
     directory: Path, run_id: int | str, partition_id: int, batch_cell: int = -1
 ) -> Path:
     """The ledger file of one partition in one run (one cell of a batch run)."""
-    cell = f"-cell-{batch_cell}" if batch_cell >= 0 else ""
-    name = _SAFE.sub("_", f"privacy-run-{run_id}{cell}-partition-{partition_id}.json")
-    return Path(directory) / name
+    return state_file(directory, "privacy", run_id, partition_id, batch_cell, suffix=".json")
 
 
 def epsilon_of(history: Sequence[tuple[float, float, int]], delta: float) -> float:

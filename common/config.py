@@ -182,6 +182,10 @@ class RunConfig(_FlatModel):
     num_byzantine: int = Field(0, ge=0, le=100_000)
     server_lr: float = Field(1.0, gt=0, le=100)
     server_momentum: float = Field(0.0, ge=0, lt=1)
+    # > 0: every node replies with its bias-corrected momentum over the rounds it
+    # trained instead of its raw update (task.momentum, client.momentum; Karimireddy,
+    # He & Jaggi 2021, Algorithm 2; Allouah et al. 2023); 0: the raw update
+    client_momentum: float = Field(0.0, ge=0, lt=1)
     fraction_train: float = Field(1.0, gt=0, le=1)
     min_train_nodes: int = Field(2, ge=1)
     min_available_nodes: int = Field(2, ge=1)
@@ -334,8 +338,9 @@ class TrainInstructions(_FlatModel):
     batch_size: int = Field(ge=1)
     round_seed: int = Field(ge=0)
     batch_cell: int = Field(-1, ge=-1)  # the cell of a batch run (common.batch), or -1
-    # the Flower run id whose DP privacy ledger this run continues (a resumed run is a
-    # new Flower run; its nodes keep accounting in the first attempt's ledger); 0: own
+    # the Flower run id whose node state (DP privacy ledger, client momentum) this run
+    # continues (a resumed run is a new Flower run; its nodes keep accounting in the
+    # first attempt's ledger and continue its momentum); 0: own
     ledger_run: int = Field(0, ge=0)
 
     def sgd_params(self) -> dict[str, int | float]:
@@ -383,8 +388,8 @@ class NodeConfig(_FlatModel):
     # deployments); its attack keys fall back to the run config's.
     role: Literal["", "honest", "malicious", "malformed", "fuzz"] = ""
     num_colluders: int | None = Field(None, ge=1, le=100_000)
-    # state-dir keeps the node's DP privacy ledger across SuperNode restarts (unset:
-    # $BASTION_STATE_DIR, else <cache dir>/state; client.privacy)
+    # state-dir keeps the node's DP privacy ledger and client momentum across SuperNode
+    # restarts (unset: $BASTION_STATE_DIR, else <cache dir>/state; client.state)
     state_dir: str | None = None
     # role="fuzz" (client.malformed): trains honestly, sends its reply with one .npy
     # header byte-mutated each round.

@@ -28,7 +28,7 @@ CONFIG = "config"
 # ConfigRecord keys the server adds to the training instructions
 #: the cell of a batch run (common.batch), or -1
 BATCH_CELL = "batch-cell"
-#: the Flower run id whose DP privacy ledger this run continues (client.privacy)
+#: the Flower run id whose node state this run continues (client.privacy, client.momentum)
 LEDGER_RUN = "ledger-run"
 
 # MetricRecord keys of a reply

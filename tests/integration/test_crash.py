@@ -1,5 +1,6 @@
 """Crash safety over real Flower processes: a killed ServerApp resumes from its last
-checkpoint; a killed SuperNode is named, its round goes on without it, and it rejoins.
+checkpoint; a killed SuperNode is named, its round goes on without it, and it rejoins
+with the client momentum it had kept.
 
 One secure federation (TLS, SuperNode authentication: every node has a registered key
 and so a fixed node id) of three SuperNodes serves both tests. Processes are killed
@@ -42,7 +43,11 @@ def federation(tmp_path_factory) -> Iterator[LocalFederation]:
         NUM_NODES,
         base / "logs",
         torch_threads=1,
-        env={"BASTION_TEST_TAG": tag, "BASTION_CACHE_DIR": str(base / "cache")},
+        env={
+            "BASTION_TEST_TAG": tag,
+            "BASTION_CACHE_DIR": str(base / "cache"),
+            "BASTION_STATE_DIR": str(base / "state"),  # the nodes' client momentum
+        },
     )
     with fed:
         fed.start()
@@ -176,10 +181,20 @@ NODE_RUN = {
     # round 4 would sample 2 of 3)
     "min-available-nodes": NUM_NODES,
     "min-train-nodes": NUM_NODES,
+    # every node replies with its momentum (client.momentum): the victim's must survive
+    "client-momentum": 0.5,
 }
 
 
-def test_killed_supernode_is_named_skipped_and_rejoins_under_its_node_id(
+def _momentum(fed: LocalFederation, partition_id: int) -> dict:
+    """The state file of ``partition_id``'s client momentum (this module's only run
+    with client momentum, so the only file of that partition)."""
+    state = Path(fed.env["BASTION_STATE_DIR"])
+    (path,) = state.glob(f"momentum-run-*-partition-{partition_id}.pt")
+    return torch.load(path, weights_only=True)
+
+
+def test_killed_supernode_is_named_skipped_and_rejoins_with_its_momentum(
     federation, tmp_path
 ) -> None:
     """Round 2: the node is killed while it trains; the round closes after round-timeout
@@ -189,7 +204,9 @@ def test_killed_supernode_is_named_skipped_and_rejoins_under_its_node_id(
     the kill, before round 3's own timeout): the SuperLink answers for it with an error
     reply, which names the SuperLink, not the node; the server maps it back to the node.
     The node is then restarted with its arguments and key, keeps its node id and is
-    accepted in round 4."""
+    accepted in round 4, where it continues the client momentum it kept on disk: its
+    state file counts one more round than before the kill (a lost state would start
+    again at t = 1), and its round-4 update is that file's ``m / (1 - beta^t)``."""
     fed, victim = federation, 1
     node_id = fed.node_ids[victim]  # node authentication: the id belongs to the key
     out = tmp_path / "run"
@@ -214,6 +231,8 @@ def test_killed_supernode_is_named_skipped_and_rejoins_under_its_node_id(
 
     _wait_for("the SuperLink to report the node offline", unavailable, fed, timeout=150)
     detected_at = time.time()
+    before = _momentum(fed, victim)  # round 1's, or round 2's if it was killed after saving
+    assert (before["t"], before["round"]) in ((1, 1), (2, 2))
     fed.restart_supernode(victim, timeout=60)
     rejoined_at = time.time()
     summary = _finish(fed, runner, out)
@@ -245,6 +264,16 @@ def test_killed_supernode_is_named_skipped_and_rejoins_under_its_node_id(
     assert (rows[4]["num_accepted"], rows[4]["num_rejected"]) == (3, 0)
     link_log = (fed.log_dir / "superlink.log").read_text()
     assert link_log.count(f"Activated node_id={node_id}\n") == 2  # started, restarted
+
+    # The restarted node continued its momentum: one round more than before the kill,
+    # and what it sent in round 4 is global + the bias-corrected m of its file.
+    beta, after = NODE_RUN["client-momentum"], _momentum(fed, victim)
+    assert (after["t"], after["round"], after["beta"]) == (before["t"] + 1, 4, beta)
+    sent = torch.cat([m.reshape(-1) for m in after["m"].values()]) / (1 - beta ** after["t"])
+    norm = by_round[4][node_id]["update_norm"]
+    assert float(sent.norm()) == pytest.approx(norm, rel=1e-4)
+    for other in set(range(NUM_NODES)) - {victim}:  # trained in every round
+        assert (_momentum(fed, other)["t"], _momentum(fed, other)["round"]) == (4, 4)
     print(
         f"\n[crash] SuperNode kill -> SuperLink reports it offline: {detected_at - killed_at:.1f} s"
         f" (round 2: {rows[2]['round_seconds']:.1f} s, round 3: {rows[3]['round_seconds']:.1f} s);"
