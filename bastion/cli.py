@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,6 +41,7 @@ from bastion.simulation import (
     ray_available,
     run_simulation,
 )
+from client.state import STATE_DIR_ENV
 from common.batch import load_batch
 from common.config import ConfigError, RunConfig, format_overrides, parse_overrides
 from common.rundir import (
@@ -570,15 +572,23 @@ def _grid_runner(backend: str, app_dir: Path, cell_timeout: float) -> Any:
                 ),
                 default=0,
             )
-            res = run_simulation(
-                num_supernodes=clients,
-                run_config={"batch-file": str(batch_file), "output-dir": str(batch_dir)},
-                app_dir=app_dir,
-                output_dir=batch_dir,
-                min_parallel_clients=colluders if colluders > 1 else None,
-                timeout=cell_timeout * len(cells),
-                on_round=on_cell,
-            )
+            # The nodes' state files (client momentum, DP ledgers; one model-sized file
+            # per node and cell) live with the batch and go with it: a grid cell never
+            # resumes, it starts over, and hundreds of cells would fill the cache.
+            state = batch_dir / "node-state"
+            try:
+                res = run_simulation(
+                    num_supernodes=clients,
+                    run_config={"batch-file": str(batch_file), "output-dir": str(batch_dir)},
+                    app_dir=app_dir,
+                    output_dir=batch_dir,
+                    min_parallel_clients=colluders if colluders > 1 else None,
+                    timeout=cell_timeout * len(cells),
+                    on_round=on_cell,
+                    env={STATE_DIR_ENV: str(state)},
+                )
+            finally:
+                shutil.rmtree(state, ignore_errors=True)
             return res.exit_code
 
         return run_batch
@@ -596,11 +606,16 @@ def _grid_runner(backend: str, app_dir: Path, cell_timeout: float) -> Any:
             "--timeout",
             str(cell_timeout),
         ]
-        return subprocess.run(
-            [sys.executable, "-m", "bastion.cli", "run", *args],
-            stdout=subprocess.DEVNULL,
-            check=False,
-        ).returncode
+        state = cell_dir / "node-state"  # as for a batch: the cell's, removed after it
+        try:
+            return subprocess.run(
+                [sys.executable, "-m", "bastion.cli", "run", *args],
+                stdout=subprocess.DEVNULL,
+                check=False,
+                env=os.environ | {STATE_DIR_ENV: str(state)},
+            ).returncode
+        finally:
+            shutil.rmtree(state, ignore_errors=True)
 
     return run_federation_cell
 
