@@ -12,8 +12,11 @@ ground (:mod:`common`) are imported here (no Flower).
 from __future__ import annotations
 
 from attacks.byzantine import (
+    ADAPTIVE_BASES,
     ATTACKS,
     DATA_ATTACKS,
+    Adaptive,
+    AdaptiveChoice,
     Attack,
     alie_z_max,
     attack_names,
@@ -24,12 +27,17 @@ from attacks.byzantine import (
     label_flip,
     round_seed_param,
 )
+from attacks.line_search import Probe, line_maximize
 from attacks.selection import malicious_partitions
 
 __all__ = [
+    "ADAPTIVE_BASES",
     "ATTACKS",
     "DATA_ATTACKS",
+    "Adaptive",
+    "AdaptiveChoice",
     "Attack",
+    "Probe",
     "alie_z_max",
     "attack_names",
     "attack_params",
@@ -37,6 +45,7 @@ __all__ = [
     "check_attack_config",
     "declared_options",
     "label_flip",
+    "line_maximize",
     "malicious_partitions",
     "round_seed_param",
 ]

@@ -24,6 +24,11 @@ sign-flip  ``-scale * mean(known)``                ``scale=1.0``
 gaussian   a sample of ``N(0, sigma^2 I_d)``       ``sigma=200.0``, ``seed=None``
 mimic      ``known[target]``                       ``target=0``
 scaling    ``scale * known[0]``                    ``scale=10.0``
+adaptive   IPM or ALIE at the factor that moves    ``base="alie"``, ``evals=20``,
+           ``aggregate(known + f copies)``         ``max_factor=100.0``,
+           farthest from ``mean(known)``           ``step=1.0``, ``base_factor=None``,
+           (a line search)                         ``num_byzantine=1``,
+                                                   ``aggregate=None`` (needed)
 ========== ======================================= ================================
 
 :func:`label_flip` is the data-poisoning counterpart (``y -> C - 1 - y``),
@@ -40,20 +45,25 @@ from __future__ import annotations
 import math
 import numbers
 import statistics
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, NamedTuple, TypeVar
 
 import torch
 from torch import Tensor
 
-from common.config import ConfigError, RunConfig
+from attacks.line_search import Probe, line_maximize
+from common.config import ConfigError, RunConfig, not_allowed
 from common.options import Option, check_choice, read_params
 
 __all__ = [
+    "ADAPTIVE_BASES",
     "ATTACKS",
     "ATTACK_PARAMS",
     "DATA_ATTACKS",
+    "Adaptive",
+    "AdaptiveChoice",
+    "Aggregate",
     "Alie",
     "Attack",
     "Gaussian",
@@ -123,6 +133,13 @@ def _mean64(known: Tensor) -> Tensor:
     return known.to(torch.float64).mean(dim=0)
 
 
+def _mean_std64(known: Tensor) -> tuple[Tensor, Tensor]:
+    """Coordinate-wise mean and population std (divisor ``k``) of the rows, in float64."""
+    x = known.to(torch.float64)
+    mean = x.mean(dim=0)
+    return mean, (x - mean).square_().mean(dim=0).sqrt_()
+
+
 # --------------------------------------------------------------------------- #
 # Attack base class                                                            #
 # --------------------------------------------------------------------------- #
@@ -161,6 +178,13 @@ class Attack:
         ``num_clients`` clients of a round, ``num_byzantine`` of them attackers. The
         default uses the configured values alone."""
         return dict(values)
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        """Raise :class:`ConfigError` when ``cfg``'s values of :attr:`options` are bad
+        (naming the key, the value and what is allowed); an attack with more to check
+        (:class:`Adaptive`: the attackers' knowledge) extends it."""
+        read_params(cls.options, cfg)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -353,9 +377,7 @@ class Alie(Attack):
         return {"z": self.z, "num_clients": self.num_clients, "num_byzantine": self.num_byzantine}
 
     def _apply(self, known: Tensor) -> Tensor:
-        x = known.to(torch.float64)
-        mean = x.mean(dim=0)
-        std = (x - mean).square_().mean(dim=0).sqrt_()
+        mean, std = _mean_std64(known)
         return mean - self.z * std
 
 
@@ -505,6 +527,263 @@ class Scaling(Attack):
         return known[0].to(torch.float64) * self.scale
 
 
+#: the attacks whose factor :class:`Adaptive` searches
+ADAPTIVE_BASES: tuple[str, ...] = ("ipm", "alie")
+
+#: the server's aggregation as the adaptive attack sees it: ``(n, d)`` rows in, ``(d,)`` out
+Aggregate = Callable[[Tensor], Tensor]
+
+
+class AdaptiveChoice(NamedTuple):
+    """What :meth:`Adaptive.search` chose: the malicious vector (``known``'s dtype),
+    the base attack and its factor, the damage there and every probe, in order."""
+
+    vector: Tensor
+    base: str
+    factor: float
+    damage: float
+    probes: tuple[Probe, ...]
+
+
+def _needs_aggregate(source: str, knowledge: str | None = None) -> str:
+    why = (
+        f" with attack-knowledge {knowledge!r}"
+        if knowledge is not None
+        else " without the server's aggregation"
+    )
+    return not_allowed(
+        source,
+        "attack",
+        "adaptive",
+        "attack-knowledge = 'omniscient' (simulation only: its line search runs the "
+        "server's aggregation, which no deployed attacker has), or another attack",
+        why,
+    )
+
+
+class Adaptive(Attack):
+    """Adaptive (worst-case) attack: the factor of IPM or ALIE that hurts this round's
+    aggregation most, found by a line search through the server's own pipeline.
+
+    Allouah, Farhadkhani, Guerraoui, Gupta, Pinot & Stephan (2023), "Fixing by mixing:
+    a recipe for optimal Byzantine ML under heterogeneity", AISTATS 2023 (the
+    "optimal" IPM and ALIE of their experiments), as implemented by ByzFL's
+    ``Optimal_InnerProductManipulation`` / ``Optimal_ALittleIsEnough``. The base attack
+    (``base``: ``"alie"``, Baruch et al. 2019, ``mean - z * std``; or ``"ipm"``, Xie et
+    al. 2020, ``-epsilon * mean``) is evaluated at factors chosen by
+    :func:`attacks.line_search.line_maximize` over ``[0, max_factor]`` (first step
+    ``step``, at most ``evals`` evaluations). The damage of a factor is
+
+        || aggregate(known rows + num_byzantine copies of the candidate) - mean(known) ||_2
+
+    and the factor with the largest damage wins (ties: the one evaluated first). When
+    ``base_factor`` is given (the base attack as configured: ``attack-epsilon``, or
+    ``attack-z`` / Baruch et al.'s z_max) it is evaluated first, so the choice never
+    does less damage than the base attack itself. The search thus stays where the rule
+    still accepts the attackers when that hurts more than being rejected, and goes as
+    far as the range allows against a rule that never rejects (the mean).
+
+    ``aggregate`` is the server's aggregation (``(n, d) -> (d,)``); only the
+    omniscient research mode can provide it (:mod:`server.omniscient`), so a run
+    config with another ``attack-knowledge`` is refused (:meth:`check_config`), and a
+    call without it raises :class:`~common.config.ConfigError`. Cost: ``evals``
+    aggregations of ``(k + f, d)`` rows per call. Deterministic for a deterministic
+    ``aggregate``.
+    """
+
+    name: ClassVar[str] = "adaptive"
+    param_names: ClassVar[tuple[str, ...]] = (
+        "base",
+        "evals",
+        "max_factor",
+        "step",
+        "base_factor",
+        "num_byzantine",
+        "aggregate",
+    )
+    options = (
+        Option(
+            "attack-adaptive-base",
+            param="base",
+            default="alie",
+            help="attack whose factor the adaptive attack searches: 'alie' (z) or 'ipm' (epsilon)",
+        ),
+        Option(
+            "attack-adaptive-evals",
+            param="evals",
+            default=20,
+            ge=1,
+            le=1000,
+            help="aggregations the adaptive attack may run per round",
+        ),
+        Option(
+            "attack-adaptive-max",
+            param="max_factor",
+            default=100.0,
+            gt=0,
+            le=1e6,
+            help="largest factor the adaptive attack tries (search range [0, max])",
+        ),
+        Option(
+            "attack-adaptive-step",
+            param="step",
+            default=1.0,
+            gt=0,
+            le=1e6,
+            help="the adaptive attack's first step (doubled while the damage grows)",
+        ),
+        # the base attack as configured: its factor is evaluated first
+        *Ipm.options,
+        *Alie.options,
+    )
+
+    @classmethod
+    def check_config(cls, cfg: RunConfig) -> None:
+        """Also refuse an unknown base and a run whose attackers cannot see the
+        server's aggregation (``attack-knowledge`` other than ``omniscient``)."""
+        super().check_config(cfg)
+        base = cls.options[0].read(cfg)
+        if base not in ADAPTIVE_BASES:
+            allowed = "one of " + ", ".join(repr(b) for b in ADAPTIVE_BASES)
+            raise ConfigError(not_allowed(cfg.source, cls.options[0].key, base, allowed))
+        if cfg.attack_knowledge != "omniscient":
+            raise ConfigError(_needs_aggregate(cfg.source, cfg.attack_knowledge))
+
+    @classmethod
+    def from_options(
+        cls, values: Mapping[str, Any], *, num_clients: int, num_byzantine: int
+    ) -> dict[str, Any]:
+        """The search's keys, ``num_byzantine`` copies, and the base attack's configured
+        factor (ALIE without ``attack-z``: :func:`alie_z_max`, when it is defined)."""
+        out = {k: values[k] for k in ("base", "evals", "max_factor", "step")}
+        factor: float | None
+        if out["base"] == "ipm":
+            factor = float(values["epsilon"])
+        elif "z" in values:
+            factor = float(values["z"])
+        else:
+            try:
+                factor = alie_z_max(num_clients, num_byzantine)
+            except ValueError:  # f too large for Baruch et al.'s formula: no seed
+                factor = None
+        return out | {"base_factor": factor, "num_byzantine": num_byzantine}
+
+    def __init__(
+        self,
+        *,
+        base: str = "alie",
+        evals: int = 20,
+        max_factor: float = 100.0,
+        step: float = 1.0,
+        base_factor: float | None = None,
+        num_byzantine: int = 1,
+        aggregate: Aggregate | None = None,
+    ) -> None:
+        if base not in ADAPTIVE_BASES:
+            raise ValueError(
+                f"attack {self.name!r}: base={base!r} is not allowed; base must be one of "
+                f"{', '.join(repr(b) for b in ADAPTIVE_BASES)}"
+            )
+        self.base = base
+        allowed = "evals must be an int >= 1"
+        self.evals = _integer(self.name, "evals", evals, allowed)
+        if self.evals < 1:
+            raise ValueError(f"attack {self.name!r}: evals={evals!r} is not allowed; {allowed}")
+        for param, value in (("max_factor", max_factor), ("step", step)):
+            allowed = f"{param} must be a finite float > 0"
+            if _real(self.name, param, value, allowed) <= 0:
+                raise ValueError(
+                    f"attack {self.name!r}: {param}={value!r} is not allowed; {allowed}"
+                )
+        self.max_factor, self.step = float(max_factor), float(step)
+        self.base_factor = (
+            None
+            if base_factor is None
+            else _real(
+                self.name, "base_factor", base_factor, "base_factor must be a finite float or None"
+            )
+        )
+        allowed = "num_byzantine must be an int >= 1"
+        self.num_byzantine = _integer(self.name, "num_byzantine", num_byzantine, allowed)
+        if self.num_byzantine < 1:
+            raise ValueError(
+                f"attack {self.name!r}: num_byzantine={num_byzantine!r} is not allowed; {allowed}"
+            )
+        if aggregate is not None and not callable(aggregate):
+            raise ValueError(
+                f"attack {self.name!r}: aggregate={aggregate!r} is not allowed; aggregate must "
+                "be None or a callable (n, d) -> (d,)"
+            )
+        self.aggregate = aggregate
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return {
+            "base": self.base,
+            "evals": self.evals,
+            "max_factor": self.max_factor,
+            "step": self.step,
+            "base_factor": self.base_factor,
+            "num_byzantine": self.num_byzantine,
+            "aggregate": self.aggregate,
+        }
+
+    def search(self, known: Tensor) -> AdaptiveChoice:
+        """The line search on ``known`` (``(k, d)`` honest rows): the chosen vector,
+        its factor and damage, and every probe. Raises :class:`ConfigError` without
+        an ``aggregate``; whatever ``aggregate`` raises propagates."""
+        known = _validate_known(known, self.name)
+        aggregate = self.aggregate
+        if aggregate is None:
+            raise ConfigError(_needs_aggregate("run config"))
+        f = self.num_byzantine
+        with torch.no_grad():
+            mean, std = _mean_std64(known)
+            # the base attack as origin + factor * direction, exactly as Ipm / Alie compute it
+            if self.base == "alie":
+                origin, direction = mean, -std
+            else:
+                origin, direction = torch.zeros_like(mean), -mean
+
+            def candidate(factor: float) -> Tensor:
+                return (origin + factor * direction).to(dtype=known.dtype, device=known.device)
+
+            damages: dict[float, float] = {}
+
+            def damage(factor: float) -> float:
+                if factor not in damages:
+                    bad = candidate(factor)
+                    if not bool(torch.isfinite(bad).all()):
+                        damages[factor] = -math.inf  # overflow in known's dtype
+                    else:
+                        rows = torch.cat([known, bad.unsqueeze(0).expand(f, -1)])
+                        out = aggregate(rows).to(device=mean.device, dtype=torch.float64)
+                        damages[factor] = float(torch.linalg.vector_norm(out - mean))
+                return damages[factor]
+
+            probes: list[Probe] = []
+            if self.base_factor is not None:
+                probes.append(Probe(self.base_factor, damage(self.base_factor)))
+            if self.evals > len(probes):
+                probes += line_maximize(
+                    damage,
+                    lower=0.0,
+                    upper=self.max_factor,
+                    step=self.step,
+                    evals=self.evals - len(probes),
+                )
+            best = probes[0]
+            for p in probes[1:]:
+                if p.value > best.value:
+                    best = p
+            return AdaptiveChoice(
+                candidate(best.factor), self.base, best.factor, best.value, tuple(probes)
+            )
+
+    def _apply(self, known: Tensor) -> Tensor:
+        return self.search(known).vector
+
+
 # --------------------------------------------------------------------------- #
 # Registry                                                                     #
 # --------------------------------------------------------------------------- #
@@ -526,7 +805,9 @@ def build_attack(name: str, **params: Any) -> Attack:
     Parameters and defaults: ``ipm``: ``epsilon=0.1``; ``alie``: ``z=None``,
     ``num_clients=None``, ``num_byzantine=None`` (z, or both counts, needed);
     ``sign-flip``: ``scale=1.0``; ``gaussian``: ``sigma=200.0``, ``seed=None``;
-    ``mimic``: ``target=0``; ``scaling``: ``scale=10.0``.
+    ``mimic``: ``target=0``; ``scaling``: ``scale=10.0``; ``adaptive``:
+    ``base="alie"``, ``evals=20``, ``max_factor=100.0``, ``step=1.0``,
+    ``base_factor=None``, ``num_byzantine=1``, ``aggregate=None`` (a call needs it).
 
     Raises ``ValueError`` for an unknown name (listing :data:`ATTACKS`), an
     unknown parameter (listing the attack's parameters) or a bad value
@@ -570,7 +851,7 @@ def check_attack_config(cfg: RunConfig) -> None:
         )
     cls = Attack.registry.get(cfg.attack)
     if cls is not None:
-        read_params(cls.options, cfg)
+        cls.check_config(cfg)
 
 
 def attack_params(cfg: RunConfig, *, num_clients: int, num_byzantine: int) -> dict[str, Any]:

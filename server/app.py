@@ -32,6 +32,7 @@ from flwr.common import Error, log
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
+from attacks.byzantine import AdaptiveChoice
 from common import protocol
 from common.batch import cell_run_config, load_batch
 from common.config import RunConfig
@@ -265,11 +266,13 @@ class LoopState:
 
 
 class TrainedRound(NamedTuple):
-    """A training round as the loop saw it: the strategy's outcome and how long the
-    round took from the instructions to the last reply."""
+    """A training round as the loop saw it: the strategy's outcome, how long the
+    round took from the instructions to the last reply and, when the omniscient
+    adaptive attack ran, what it chose (the metrics row's ``adaptive_*`` entries)."""
 
     outcome: RoundOutcome
     seconds: float
+    adaptive: dict[str, object] | None = None
 
 
 class CentralEvaluation:
@@ -353,7 +356,7 @@ def setup_run(
     arrays = ArrayRecord(model.state_dict())
     # research mode, simulation only (raises on a real federation): see server.omniscient
     adversary = (
-        OmniscientAdversary(cfg, grid)
+        OmniscientAdversary(cfg, grid, strategy)
         if cfg.attack_knowledge == "omniscient" and cfg.num_malicious > 0
         else None
     )
@@ -427,8 +430,12 @@ def train_round(run: ServerRun, state: LoopState, server_round: int) -> TrainedR
     online = list(grid.get_node_ids())
     state.num_clients = max(state.num_clients, len(online))
     replies, missing = send_and_receive(grid, messages, cfg.round_timeout)
+    adaptive = None
     if run.adversary is not None:
-        run.adversary.tamper(replies, state.arrays, int(instructions["round-seed"]))
+        run.adversary.tamper(
+            replies, state.arrays, int(instructions["round-seed"]), server_round=server_round
+        )
+        adaptive = adaptive_metrics(run.adversary.last_choice)
     round_seconds = time.monotonic() - round_start
     outcome = strategy.train_round(
         server_round,
@@ -450,7 +457,21 @@ def train_round(run: ServerRun, state: LoopState, server_round: int) -> TrainedR
             gone.reason,
         )
     run.results.log_nodes(d.to_json() for d in outcome.nodes)
-    return TrainedRound(outcome, round_seconds)
+    return TrainedRound(outcome, round_seconds, adaptive)
+
+
+def adaptive_metrics(choice: AdaptiveChoice | None) -> dict[str, object] | None:
+    """The metrics row's record of the adaptive attack's choice this round: the base
+    attack, the factor (ALIE's z or IPM's epsilon), the damage (L2 distance of the
+    aggregate to the honest mean) and how many aggregations the search ran."""
+    if choice is None:
+        return None
+    return {
+        "adaptive_base": choice.base,
+        "adaptive_factor": choice.factor,
+        "adaptive_damage": choice.damage,
+        "adaptive_evals": len(choice.probes),
+    }
 
 
 def federated_eval_due(cfg: RunConfig, server_round: int) -> bool:
@@ -490,7 +511,7 @@ def evaluate_round(run: ServerRun, arrays: ArrayRecord, server_round: int) -> di
 def training_metrics(trained: TrainedRound, started: float) -> dict[str, object]:
     """The metrics row's training entries, in the row's order: the strategy's counts,
     reputation and timings (``started``: the loop's clock start)."""
-    outcome, round_seconds = trained
+    outcome, round_seconds = trained.outcome, trained.seconds
     summary = outcome.summary
     slowest = summary.slowest_train_seconds
     return {
@@ -530,6 +551,7 @@ def record_round(
     cfg, outcome = run.cfg, trained.outcome
     server_round = outcome.server_round
     row |= training_metrics(trained, state.started)
+    row |= trained.adaptive or {}
     if checkpoint_due(cfg, server_round):
         run.results.checkpoint(
             server_round,

@@ -30,6 +30,18 @@ def t(rows, dtype=torch.float32) -> torch.Tensor:
     return torch.tensor(rows, dtype=dtype)
 
 
+def runnable(name: str) -> dict:
+    """Parameters with which attack ``name`` runs on any ``known`` (ALIE needs a z, the
+    adaptive attack an aggregation: here the plain mean; gaussian is seeded)."""
+    if name == "alie":
+        return {"z": 1.0}
+    if name == "gaussian":
+        return {"seed": 0}
+    if name == "adaptive":
+        return {"aggregate": lambda x: x.mean(dim=0)}
+    return {}
+
+
 def phi(z: float) -> float:
     """Standard normal CDF via erf (independent of the module's inverse)."""
     return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
@@ -39,7 +51,7 @@ def phi(z: float) -> float:
 # Registry                                                                     #
 # --------------------------------------------------------------------------- #
 def test_registry_names_and_params():
-    assert ATTACKS == ("ipm", "alie", "sign-flip", "gaussian", "mimic", "scaling")
+    assert ATTACKS == ("ipm", "alie", "sign-flip", "gaussian", "mimic", "scaling", "adaptive")
     assert dict(ATTACK_PARAMS) == {
         "ipm": ("epsilon",),
         "alie": ("z", "num_clients", "num_byzantine"),
@@ -47,6 +59,15 @@ def test_registry_names_and_params():
         "gaussian": ("sigma", "seed"),
         "mimic": ("target",),
         "scaling": ("scale",),
+        "adaptive": (
+            "base",
+            "evals",
+            "max_factor",
+            "step",
+            "base_factor",
+            "num_byzantine",
+            "aggregate",
+        ),
     }
     with pytest.raises(TypeError):
         ATTACK_PARAMS["ipm"] = ("x",)  # type: ignore[index]
@@ -148,8 +169,7 @@ def test_bad_known_raises(name, known, what):
 @pytest.mark.parametrize("name", ATTACKS)
 def test_output_shape_dtype_device_preserved(name, dtype):
     known = t([[1, -2, 3, 0.5, 4], [0, 1, 1, 2, -3], [2, 2, -1, 0, 1]], dtype=dtype)
-    params = {"z": 1.0} if name == "alie" else {"seed": 0} if name == "gaussian" else {}
-    out = build_attack(name, **params)(known)
+    out = build_attack(name, **runnable(name))(known)
     assert out.shape == (5,)
     assert out.dtype == dtype
     assert out.device == known.device
@@ -450,8 +470,7 @@ def test_property_relations(known):
 @pytest.mark.parametrize("name", ATTACKS)
 def test_cuda_matches_cpu(name):
     known = t([[1, -2, 3], [0, 1, 1], [2, 2, -1]])
-    params = {"z": 1.0} if name == "alie" else {"seed": 0} if name == "gaussian" else {}
-    attack = build_attack(name, **params)
+    attack = build_attack(name, **runnable(name))
     cpu = attack(known)
     gpu = attack(known.cuda())
     assert gpu.device.type == "cuda" and gpu.dtype == known.dtype
