@@ -60,7 +60,10 @@ by copying it, so the honest majority margin (honest minus Byzantine) is unchang
 
 What it does not catch: an attacker that adds fresh Gaussian noise of the declared
 scale to its vector passes both tests; it then holds one vote with the signal of
-its choice, and the rule (not this check) must bound what that signal can do.
+its choice, and the rule (not this check) must bound what that signal can do. One
+that sends vectors of exactly the floor's norm is even favoured by Krum, whose
+distances it shortens by about 1% (``docs/PRIVACY.md``,
+``benchmarks/dpcheck_adaptive.py``).
 """
 
 from __future__ import annotations
