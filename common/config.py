@@ -231,6 +231,12 @@ class RunConfig(_FlatModel):
     # per-sample gradients) was the fastest of Opacus' modes for MnistCNN on CPU here
     # (batch 64 and 256)
     dp_grad_sample_mode: GradSampleMode = "ghost"
+    # Server side (strategies.rules.dpcheck, docs/PRIVACY.md): reject updates that
+    # cannot carry the declared DP-SGD noise (too short for it, or nearly a copy of
+    # another); dp-check-alpha bounds the chance that a round of honest updates loses
+    # any. Needs dp = true with a fixed dp-noise-multiplier > 0 (server/run_config.py)
+    dp_check: bool = False
+    dp_check_alpha: float = Field(1e-6, gt=0, lt=1)
     # Reputation (strategies.rules.reputation): each node's suspicion score, an exponential
     # moving average of per-round evidence (rejected, left out by a selection rule,
     # far from the aggregate); with quarantine-threshold > 0, nodes at or above it sit
@@ -359,11 +365,16 @@ class TrainInstructions(_FlatModel):
 #: run-config keys a node's own config may set for itself: its attack and its DP
 #: settings (:func:`node_may_set`, :func:`overlay`)
 NODE_SETTABLE = ("attack", "collusion-dir", "dp")
+#: ``dp-*`` keys that are the server's alone: the check of the replies' DP noise
+SERVER_ONLY = ("dp-check", "dp-check-alpha")
 
 
 def node_may_set(key: str) -> bool:
     """True for a run-config key a node's config may set for that node alone:
-    ``attack``, ``attack-*``, ``collusion-dir``, ``dp`` and ``dp-*``."""
+    ``attack``, ``attack-*``, ``collusion-dir``, ``dp`` and ``dp-*`` (except the
+    server's :data:`SERVER_ONLY` keys)."""
+    if key in SERVER_ONLY:
+        return False
     return key in NODE_SETTABLE or key.startswith(("attack-", "dp-"))
 
 

@@ -46,7 +46,11 @@ from common.rundir import (
 from server.omniscient import OmniscientAdversary
 from server.reputation_report import reputation_summary, write_reputation_report
 from server.run_config import load_run_config
-from strategies.rules.from_config import pipeline_from_config, reputation_from_config
+from strategies.rules.from_config import (
+    dp_check_from_config,
+    pipeline_from_config,
+    reputation_from_config,
+)
 from strategies.strategy import RobustStrategy, RoundOutcome
 from strategies.validation import MAX_REASON_CHARS, bounded
 from task.datasets import ArrayDataset, load_dataset
@@ -340,6 +344,7 @@ def build_strategy(cfg: RunConfig) -> RobustStrategy:
         max_reply_bytes=cfg.max_reply_bytes,
         max_update_norm=cfg.max_update_norm,
         min_accepted_replies=cfg.min_accepted_replies,
+        dp_check=dp_check_from_config(cfg),
     )
 
 

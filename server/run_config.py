@@ -18,7 +18,7 @@ from attacks import declared_options as attack_options
 from common.config import ConfigError, RunConfig
 from common.options import Option, check_choice, check_options, defaults
 from strategies.rules.from_config import declared_options as rule_options
-from strategies.rules.from_config import pipeline_from_config
+from strategies.rules.from_config import dp_check_from_config, pipeline_from_config
 from task.datasets import DATASETS
 from task.partition import PARTITIONERS
 
@@ -41,6 +41,7 @@ def check_run_config(cfg: RunConfig) -> None:
         lambda: check_choice(cfg, "partitioner", PARTITIONERS),
         lambda: check_attack_config(cfg),
         lambda: pipeline_from_config(cfg),
+        lambda: dp_check_from_config(cfg),
     ):
         try:
             check()

@@ -10,7 +10,10 @@ sampling and message construction and replaces everything on the reply side:
 2. accepted replies are decoded into one preallocated ``(n, d)`` float32 tensor
    of *deltas* from the current global model (differences of nearby numbers are
    exact in floating point, full weights are not); a row with a non-finite value
-   or an L2 norm above ``max-update-norm`` is dropped too;
+   or an L2 norm above ``max-update-norm`` is dropped too, and with ``dp-check`` an
+   update inconsistent with the run's declared DP-SGD noise
+   (:mod:`strategies.rules.dpcheck`: too short to carry it, or a near-duplicate of
+   another);
 3. a :class:`~strategies.rules.registry.Pipeline` (pre-aggregation steps such as
    clipping or s-resampling, then a robust rule such as Krum) maps the deltas
    to one delta (``(n, d) -> (d,)``); client-reported ``num-examples`` never
@@ -59,6 +62,7 @@ from strategies.rules.diagnostics import (
     malicious_influence,
     update_norm_problem,
 )
+from strategies.rules.dpcheck import DPCheck
 from strategies.rules.registry import Pipeline, PipelineOutput, build_aggregator, compose
 from strategies.rules.reputation import Reputation
 from strategies.validation import (
@@ -240,6 +244,7 @@ class RobustStrategy(FedAvg):
         max_reply_bytes: int = DEFAULT_MAX_REPLY_BYTES,
         max_update_norm: float = DEFAULT_MAX_UPDATE_NORM,
         min_accepted_replies: int = 1,
+        dp_check: DPCheck | None = None,
     ) -> None:
         super().__init__(
             fraction_train=fraction_train,
@@ -266,6 +271,9 @@ class RobustStrategy(FedAvg):
         self.max_reply_bytes = max_reply_bytes
         self.max_update_norm = max_update_norm
         self.min_accepted_replies = max(1, min_accepted_replies)
+        # run-config dp-check: replies inconsistent with the declared DP-SGD noise
+        self.dp_check = dp_check
+        self._dp_metrics: dict[int, dict[str, object]] = {}
 
     def state_dict(self) -> dict[str, Any]:
         """What a resumed server needs besides the model: rule state and server momentum.
@@ -414,6 +422,8 @@ class RobustStrategy(FedAvg):
             server_round, replies, layout, global_arrays
         )
         accepted, norms = self._check_norms(server_round, deltas, decoded)
+        if self.dp_check is not None:
+            accepted, norms = self._check_dp(server_round, deltas, accepted, norms)
         summary.num_accepted = len(accepted)
         summary.num_rejected = summary.num_replies - len(accepted)
         outcome = RoundOutcome(server_round, summary, nodes=list(summary.nodes))
@@ -524,6 +534,10 @@ class RobustStrategy(FedAvg):
                 diag.train_seconds = _float_or_none(metrics.get(protocol.TRAIN_SECONDS))
                 diag.malicious = metrics.get(protocol.MALICIOUS) == 1
                 diag.dp_epsilon = _float_or_none(metrics.get(protocol.DP_EPSILON))
+                if self.dp_check is not None:  # what the node declares about its noise
+                    self._dp_metrics[diag.node_id] = {
+                        k: metrics[k] for k in _DP_DECLARED if k in metrics
+                    }
             except Exception as exc:  # anything from this one reply is its rejection
                 diag.partition_id = diag.num_examples = diag.train_loss = None
                 diag.train_seconds = diag.dp_epsilon = None
@@ -559,10 +573,32 @@ class RobustStrategy(FedAvg):
                 kept.append(i)
             else:
                 self._reject(server_round, diag, problem)
-        for j, i in enumerate(kept):  # close the gaps left by rejected rows (rare)
-            if i != j:
-                deltas[j].copy_(deltas[i])
+        _close_gaps(deltas, kept)
         return accepted, accepted_norms
+
+    def _check_dp(
+        self,
+        server_round: int,
+        deltas: torch.Tensor,
+        accepted: list[NodeDiagnostics],
+        norms: list[float],
+    ) -> tuple[list[NodeDiagnostics], list[float]]:
+        """Reject the accepted rows that are inconsistent with the run's declared DP-SGD
+        (:meth:`strategies.rules.dpcheck.DPCheck.reasons`) and move the others up, as
+        :meth:`_check_norms` does; the rejected keep their norms in the diagnostics."""
+        assert self.dp_check is not None
+        metrics, self._dp_metrics = [self._dp_metrics.get(d.node_id, {}) for d in accepted], {}
+        if not accepted:
+            return accepted, norms
+        reasons = self.dp_check.reasons(
+            deltas[: len(accepted)], metrics, labels=[f"node {d.node_id}" for d in accepted]
+        )
+        kept = [i for i, reason in enumerate(reasons) if reason is None]
+        for diag, reason in zip(accepted, reasons, strict=True):
+            if reason is not None:
+                self._reject(server_round, diag, reason)
+        _close_gaps(deltas, kept)
+        return [accepted[i] for i in kept], [norms[i] for i in kept]
 
     def _aggregate(
         self, server_round: int, deltas: torch.Tensor, summary: RoundSummary
@@ -675,6 +711,22 @@ class RobustStrategy(FedAvg):
             }
         )
         return EvaluationOutcome(metrics, nodes)
+
+
+#: the reply metrics dp-check compares with the run's declared DP-SGD
+_DP_DECLARED = (
+    protocol.NUM_EXAMPLES,
+    protocol.STEPS,
+    protocol.DP_NOISE_MULTIPLIER,
+    protocol.DP_SAMPLE_RATE,
+)
+
+
+def _close_gaps(deltas: torch.Tensor, kept: list[int]) -> None:
+    """Move the kept rows ``kept`` (increasing) of ``deltas`` to its first rows."""
+    for j, i in enumerate(kept):
+        if i != j:
+            deltas[j].copy_(deltas[i])
 
 
 def _take_all(replies: Iterable[Message]) -> list[Message]:

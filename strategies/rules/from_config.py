@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from common.config import ConfigError, RunConfig
+from common.config import ConfigError, RunConfig, not_allowed
 from common.options import Option, check_choice, read_params
 from strategies.rules.aggregators import Aggregator
+from strategies.rules.dpcheck import DPCheck, DPSGDDeclaration
 from strategies.rules.preaggregators import PreAggregator
 from strategies.rules.registry import (
     Pipeline,
@@ -66,6 +67,51 @@ def pipeline_from_config(cfg: RunConfig) -> Pipeline:
             "into means of s; chaining them has no use)"
         )
     return compose(steps, build_aggregator(cfg.aggregator, **rule_params(cfg)))
+
+
+def dp_check_from_config(cfg: RunConfig) -> DPCheck | None:
+    """The run's check of the replies' DP noise (:mod:`strategies.rules.dpcheck`), or
+    ``None`` when ``dp-check`` is false.
+
+    The check needs noise whose scale the server knows: ``dp`` true and a fixed
+    ``dp-noise-multiplier`` > 0 (with ``dp-target-epsilon`` > 0 each node plans its
+    own sigma from its data size, which the server does not compute). Raises
+    :class:`ConfigError` naming the key, the value and what is allowed.
+    """
+    if not cfg.dp_check:
+        return None
+    why = None
+    if not cfg.dp:
+        why = " when 'dp' is false (there is no DP noise to check)"
+    elif cfg.dp_noise_multiplier == 0:
+        why = " when 'dp-noise-multiplier' is 0 (clipping without noise: nothing to check)"
+    elif cfg.dp_target_epsilon > 0:
+        why = (
+            f" when 'dp-target-epsilon' is {cfg.dp_target_epsilon:g} (each node then plans its "
+            "own noise multiplier, which the server does not know)"
+        )
+    if why is not None:
+        raise ConfigError(
+            not_allowed(
+                "run config",
+                "dp-check",
+                True,
+                "false, or true with dp = true, dp-noise-multiplier > 0 and dp-target-epsilon = 0",
+                why,
+            ),
+            ("dp-check",),
+        )
+    declaration = DPSGDDeclaration(
+        noise_multiplier=cfg.dp_noise_multiplier,
+        max_grad_norm=cfg.dp_max_grad_norm,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        batch_size=cfg.batch_size,
+        local_epochs=cfg.local_epochs,
+        local_steps=cfg.local_steps,
+    )
+    return DPCheck(declaration, alpha=cfg.dp_check_alpha)
 
 
 def rule_params(cfg: RunConfig) -> dict[str, Any]:
