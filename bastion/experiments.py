@@ -411,7 +411,7 @@ def write_tables(
     by_slug = {c.slug: row for (c, _, _), row in zip(results, rows, strict=True)}
     md = "\n".join(lines) + "\n"
     cells = [c for c, _, _ in results]
-    md += ranking_tables(cells, by_slug)
+    md += "".join(ranking_tables(cells, by_slug, m) for m in PIVOTS)
     md += "".join(pivot_tables(cells, by_slug, m) for m in PIVOTS)
     (out / "results.md").write_text(md + sweep_tables(sweeps, by_slug))
     return rows
