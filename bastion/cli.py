@@ -32,7 +32,7 @@ from bastion.defences import (
     with_defence,
 )
 from bastion.experiment_plots import plot_grid
-from bastion.experiments import cell_done, load_grid, run_grid, write_tables
+from bastion.experiments import cell_done, load_grid, only_groups, run_grid, write_tables
 from bastion.federation import LocalFederation, ProcessStartError, failure_cause
 from bastion.preflight import app_defaults, check_rule_fits
 from bastion.simulation import (
@@ -517,6 +517,17 @@ def cmd_grid(args: argparse.Namespace) -> int:
     except (ConfigError, OSError, ValueError, KeyError) as exc:
         print(f"bastion: invalid grid file {args.file}:\n{exc}", file=sys.stderr)
         return 2
+    if args.only:
+        groups = {"main", *(s.name for s in grid.sweeps)}
+        unknown = sorted(set(args.only) - groups)
+        if unknown:
+            print(
+                f"bastion: option '--only': value {unknown[0]!r} is not allowed; allowed: "
+                f"one of {', '.join(repr(g) for g in sorted(groups))}",
+                file=sys.stderr,
+            )
+            return 2
+        grid = only_groups(grid, args.only)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     app_dir = find_app_dir(args.app)
@@ -795,6 +806,13 @@ def make_parser() -> argparse.ArgumentParser:
     )
     grid.add_argument(
         "--report-only", action="store_true", help="only (re)write the table and plots"
+    )
+    grid.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="GROUP",
+        help="run (and report) only these groups: 'main' or a [[sweep]]'s name (repeatable)",
     )
     grid.set_defaults(func=cmd_grid)
     return parser

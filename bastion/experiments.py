@@ -244,6 +244,16 @@ def load_grid(path: str | Path) -> Grid:
     return grid
 
 
+def only_groups(grid: Grid, groups: Iterable[str]) -> Grid:
+    """``grid`` with only the cells (and sweeps) of ``groups``: ``"main"`` and sweep names.
+    A sweep point that repeats a main cell stays in its sweep."""
+    keep = set(groups)
+    sweeps = [s for s in grid.sweeps if s.name in keep]
+    in_sweeps = {c.slug for s in sweeps for _, c in s.points}
+    cells = [c for c in grid.cells if c.group in keep or c.slug in in_sweeps]
+    return Grid(grid.clients, grid.backend, grid.malicious, grid.base, cells, sweeps)
+
+
 def cell_done(cell_dir: Path) -> bool:
     """A cell is done when its summary says the run completed."""
     return _summary(cell_dir).get("status") == "completed"

@@ -312,3 +312,17 @@ seed = [0, 1]
     assert lines[1] == "| krum | 0.600 ± 0.000 | 0.550 ± 0.071 | 0.550 |"
     assert lines[2] == "| mean | 0.710 ± 0.014 | 0.100 ± 0.000 | 0.100 |"
     assert "over 2 seeds" in ranked
+
+
+def test_only_some_groups_run(tmp_path: Path, capsys) -> None:
+    from bastion.cli import main
+    from bastion.experiments import only_groups
+
+    grid = load_grid(write(tmp_path))
+    sweep = only_groups(grid, ["krum-ipm"])
+    # the sweep's own cell, and the main cell it repeats (eps = 0.1)
+    assert {c.group for c in sweep.cells} == {"main", "krum-ipm"} and len(sweep.cells) == 2
+    assert [s.name for s in sweep.sweeps] == ["krum-ipm"]
+    assert len(only_groups(grid, ["main"]).cells) == 8
+    code = main(["grid", str(write(tmp_path)), "--out", str(tmp_path / "o"), "--only", "krum"])
+    assert code == 2 and "'--only': value 'krum' is not allowed" in capsys.readouterr().err
