@@ -698,7 +698,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
         "--defence",
         help=f"a named defence: pre-aggregation chain, rule and client momentum in one "
         f"(one of {', '.join(DEFENCES)}; recommended: {RECOMMENDED}; needs "
-        "--num-byzantine; `bastion defences` lists them; --run-config and the flags win)",
+        "--num-byzantine; `bastion defences` lists them; --run-config and the flags win; "
+        "default none)",
     )
     p.add_argument("--output-dir", help="results directory (default: a new folder in ./runs/)")
     p.add_argument(
