@@ -484,18 +484,24 @@ def defence(cell: Cell) -> str:
     return " ".join(parts) or "default"
 
 
+def _by_partitioner(cells: Iterable[Cell]) -> list[tuple[str, list[Cell], list[str]]]:
+    """The main grid's cells with an attack label, per partitioner (``"all"`` without a
+    partitioner axis): ``(partitioner, its cells, its attacks in grid order)``."""
+    main = [c for c in cells if c.group == "main" and "attack" in c.labels]
+    out = []
+    for part in dict.fromkeys(c.labels.get("partitioner", "all") for c in main):
+        members = [c for c in main if c.labels.get("partitioner", "all") == part]
+        out.append((part, members, list(dict.fromkeys(c.labels["attack"] for c in members))))
+    return out
+
+
 def pivot_tables(
     cells: Sequence[Cell], rows: Mapping[str, dict[str, Any]], metric: str = "final_accuracy"
 ) -> str:
     """Markdown tables of ``metric`` (a :data:`PIVOTS` key), attacks x defences, one
     per partitioner (main grid only; ``rows``: :func:`cell_row` by cell slug)."""
-    main = [c for c in cells if c.group == "main" and "attack" in c.labels]
-    if not main:
-        return ""
     out = []
-    for part in dict.fromkeys(c.labels.get("partitioner", "all") for c in main):
-        members = [c for c in main if c.labels.get("partitioner", "all") == part]
-        attacks = list(dict.fromkeys(c.labels["attack"] for c in members))
+    for part, members, attacks in _by_partitioner(cells):
         defences = list(dict.fromkeys(defence(c) for c in members))
         table = {a: dict.fromkeys(defences, "–") for a in attacks}
         for c in members:
@@ -508,7 +514,7 @@ def pivot_tables(
         out.append("| attack | " + " | ".join(defences) + " |")
         out.append("|---|" + "---|" * len(defences))
         out += [f"| {a} | " + " | ".join(table[a].values()) + " |" for a in attacks]
-    return "\n".join(out) + "\n"
+    return "\n".join(out) + "\n" if out else ""
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -536,13 +542,8 @@ def ranking_tables(
     several values), then the worst case over the attacks. Defences whose every
     attack finished come first, best worst case first; the others follow with the
     cells they have. This is the table a defence is chosen from."""
-    main = [c for c in cells if c.group == "main" and "attack" in c.labels and not c.infeasible]
-    if not main:
-        return ""
     out = []
-    for part in dict.fromkeys(c.labels.get("partitioner", "all") for c in main):
-        members = [c for c in main if c.labels.get("partitioner", "all") == part]
-        attacks = list(dict.fromkeys(c.labels["attack"] for c in members))
+    for part, members, attacks in _by_partitioner(c for c in cells if not c.infeasible):
         values: dict[str, dict[str, list[float]]] = {}
         for c in members:
             row = rows[c.slug]
@@ -574,4 +575,4 @@ def ranking_tables(
             cols = [fmt(stats.get(a)) for a in attacks]
             cols.append("–" if worst is None else f"{worst:.3f}")
             out.append(f"| {name} | " + " | ".join(cols) + " |")
-    return "\n".join(out) + "\n"
+    return "\n".join(out) + "\n" if out else ""
