@@ -104,7 +104,7 @@ def build_run_config(args: argparse.Namespace, app_dir: Path) -> tuple[RunConfig
         changed = sorted(set(get_defence(preset).keys) - set(kept))
         print(
             f"bastion: --defence {preset}: "
-            + " ".join(f"{k}={v}" for k, v in kept.items())
+            + format_overrides(kept)
             + (f" (yours win for {', '.join(changed)})" if changed else "")
         )
     overrides.setdefault("min-available-nodes", args.clients)
