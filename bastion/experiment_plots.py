@@ -2,7 +2,8 @@
 
 * ``accuracy_curves.png``: central accuracy per round, one panel per
   (partitioner, attack), one line per defence;
-* ``heatmap-<partitioner>.png``: final accuracy, attacks x defences;
+* ``heatmap-<partitioner>.png``: final accuracy, attacks x defences (defences as rows
+  when there are more than twice as many defences as attacks);
 * ``krum_selection.png``: how often Krum picked each node over the run, honest
   and malicious nodes coloured apart (as Karimireddy, He & Jaggi 2022, Fig. 1a);
 * ``malicious_influence.png``: per round, the share of the aggregate owed to
@@ -80,12 +81,16 @@ def plot_grid(
                 acc = None
             if acc is not None:
                 grid[attacks.index(c.labels.get("attack", "-"))][defences.index(defence(c))] = acc
+        rows, cols, layout = attacks, defences, "attacks (rows) x defences (columns)"
+        if len(defences) > 2 * len(attacks):  # a screening grid: one row per defence
+            grid = [list(col) for col in zip(*grid, strict=True)]
+            rows, cols, layout = defences, attacks, "defences (rows) x attacks (columns)"
         fig, ax = plt.subplots(
-            figsize=(max(6.0, 1.6 + 0.75 * len(defences)), max(3.2, 1.6 + 0.45 * len(attacks)))
+            figsize=(max(6.0, 1.6 + 0.75 * len(cols)), max(3.2, 1.6 + 0.3 * len(rows)))
         )
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-        ax.set_xticks(range(len(defences)), defences, rotation=60, ha="right", fontsize=7)
-        ax.set_yticks(range(len(attacks)), attacks, fontsize=8)
+        ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(rows)), rows, fontsize=7)
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
                 if not math.isnan(v):
@@ -98,7 +103,7 @@ def plot_grid(
                         fontsize=6,
                         color="white" if v < 0.5 else "black",
                     )
-        ax.set_title(f"{part} data: attacks (rows) x defences (columns)", fontsize=9)
+        ax.set_title(f"{part} data: {layout}", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.03, label="final accuracy")
         _titled(fig, out, "final central accuracy")
         fig.tight_layout()
