@@ -518,7 +518,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
         print(f"bastion: invalid grid file {args.file}:\n{exc}", file=sys.stderr)
         return 2
     if args.only:
-        groups = {"main", *(s.name for s in grid.sweeps)}
+        groups = {"main", *grid.groups}
         unknown = sorted(set(args.only) - groups)
         if unknown:
             print(

@@ -111,6 +111,9 @@ class Grid:
     base: dict[str, Any]
     cells: list[Cell] = field(default_factory=list)
     sweeps: list[Sweep] = field(default_factory=list)
+    # every group ("main", each [[sweep]]'s name) -> the slugs of its cells, including
+    # the cells it repeats from another group (run and listed once, under the first)
+    groups: dict[str, list[str]] = field(default_factory=dict)
 
 
 def _axis_values(name: str, values: Any) -> list[tuple[str, dict[str, Any]]]:
@@ -236,6 +239,7 @@ def load_grid(path: str | Path) -> Grid:
                 seen[key] = cell
                 grid.cells.append(cell)
             points.append((next(iter(labels.values()), ""), seen[key]))
+            grid.groups.setdefault(group, []).append(seen[key].slug)
         if group != "main" and len(axes) == 1:
             fixed_labels = {k: str(v) for k, v in fixed.items()}
             grid.sweeps.append(Sweep(group, next(iter(axes)), fixed_labels, points))
@@ -245,13 +249,14 @@ def load_grid(path: str | Path) -> Grid:
 
 
 def only_groups(grid: Grid, groups: Iterable[str]) -> Grid:
-    """``grid`` with only the cells (and sweeps) of ``groups``: ``"main"`` and sweep names.
-    A sweep point that repeats a main cell stays in its sweep."""
+    """``grid`` with only the cells (and sweeps) of ``groups``: ``"main"`` and sweep names
+    (of one axis or several). A sweep cell that repeats a main cell stays in its sweep."""
     keep = set(groups)
     sweeps = [s for s in grid.sweeps if s.name in keep]
-    in_sweeps = {c.slug for s in sweeps for _, c in s.points}
-    cells = [c for c in grid.cells if c.group in keep or c.slug in in_sweeps]
-    return Grid(grid.clients, grid.backend, grid.malicious, grid.base, cells, sweeps)
+    slugs = {slug for name in keep for slug in grid.groups.get(name, [])}
+    cells = [c for c in grid.cells if c.group in keep or c.slug in slugs]
+    members = {name: list(grid.groups[name]) for name in grid.groups if name in keep}
+    return Grid(grid.clients, grid.backend, grid.malicious, grid.base, cells, sweeps, members)
 
 
 def cell_done(cell_dir: Path) -> bool:

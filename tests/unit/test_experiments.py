@@ -326,3 +326,22 @@ def test_only_some_groups_run(tmp_path: Path, capsys) -> None:
     assert len(only_groups(grid, ["main"]).cells) == 8
     code = main(["grid", str(write(tmp_path)), "--out", str(tmp_path / "o"), "--only", "krum"])
     assert code == 2 and "'--only': value 'krum' is not allowed" in capsys.readouterr().err
+
+
+def test_only_selects_a_sweep_of_several_axes(tmp_path: Path) -> None:
+    """A [[sweep]] with two axes has no one-axis table, but --only still selects its
+    cells, including one that repeats a main cell."""
+    from bastion.experiments import only_groups
+
+    text = GRID + (
+        '\n[[sweep]]\nname = "two-axes"\nfixed = {partitioner = "iid"}\n'
+        'axes.aggregator = ["mean", "krum"]\naxes.attack = [{attack = "ipm", '
+        'attack-epsilon = 0.1}, {attack = "ipm", attack-epsilon = 5.0}]\n'
+    )
+    grid = load_grid(write(tmp_path, text))
+    picked = only_groups(grid, ["two-axes"])
+    eps = sorted((c.overrides["aggregator"], c.overrides["attack-epsilon"]) for c in picked.cells)
+    assert eps == [("krum", 0.1), ("krum", 5.0), ("mean", 0.1), ("mean", 5.0)]
+    # krum/mean at eps 0.1 on iid are main cells: listed once, under main
+    assert sorted(c.group for c in picked.cells) == ["main", "main", "two-axes", "two-axes"]
+    assert picked.sweeps == [] and set(picked.groups) == {"two-axes"}
