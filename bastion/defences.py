@@ -53,10 +53,11 @@ DEFENCES: dict[str, Defence] = {
         # (label-sorted, 138 cells) ranked momentum + ARC + mean first; stage 2 (every
         # partition and 11 attacks) found IPM with epsilon = 10 stalling it on
         # label-sorted data (0.100: ARC leaves each attacker an honest-sized vote)
-        # while the reputation score marked those attackers (suspicion 0.999, honest
-        # nodes at most 0.2). Quarantine at 0.5 lifts the label-sorted worst case from
-        # 0.100 to 0.389 (IPM 10) and keeps the clean accuracy (0.710 against FedAvg's
-        # 0.689; Dirichlet 0.3: 0.811, IPM 10 0.747 -> 0.777); it costs 0.09 under
+        # while the reputation score marked those attackers (highest suspicion 0.999
+        # on average, honest nodes' 0.03-0.2). Quarantine at 0.5 lifts the
+        # label-sorted worst case from 0.100 to 0.389 (IPM 10) and keeps the clean
+        # accuracy (0.710 against FedAvg's 0.689; Dirichlet 0.3: 0.811, IPM 10
+        # 0.747 -> 0.777); it costs 0.09 under
         # mimic, where five honest nodes with rare classes were quarantined.
         Defence(
             name="robust-noniid",
