@@ -31,13 +31,14 @@ Computed from a run's ``diagnostics.jsonl`` (one row per node and round, see
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from common.runlog import read_jsonl
 
 
 def _by_round(rows: Iterable[Mapping[str, Any]]) -> dict[int, list[Mapping[str, Any]]]:
@@ -91,8 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     path = args.cell / "diagnostics.jsonl"
+    if not path.is_file():
+        print(f"signal_ratio: {path}: no such file", file=sys.stderr)
+        return 2
     try:
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        rows = read_jsonl(path)
         ratios = (
             signal_ratio_ipm(rows, args.ipm_epsilon)
             if args.ipm_epsilon

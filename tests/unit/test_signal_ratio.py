@@ -57,7 +57,7 @@ def test_ipm_ratio_divides_the_attack_norm_by_epsilon() -> None:
 
 def test_cli_prints_a_table_and_names_a_missing_file(tmp_path: Path, capsys) -> None:
     rows = [_row(1, 2.0, 0.5, 0.5), _row(1, 2.0, 0.5, 0.5)]
-    (tmp_path / "diagnostics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "diagnostics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main([str(tmp_path)]) == 0
     assert "| 1 | 0.500 |" in capsys.readouterr().out
     assert main([str(tmp_path / "nope")]) == 2
