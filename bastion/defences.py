@@ -57,8 +57,8 @@ DEFENCES: dict[str, Defence] = {
         # on average, honest nodes' 0.03-0.2). Quarantine at 0.5 lifts the
         # label-sorted worst case from 0.100 to 0.389 (IPM 10) and keeps the clean
         # accuracy (0.710 against FedAvg's 0.689; Dirichlet 0.3: 0.811, IPM 10
-        # 0.747 -> 0.777); it costs 0.09 under
-        # mimic, where five honest nodes with rare classes were quarantined.
+        # 0.747 -> 0.777); it costs 0.09 under mimic, where five honest nodes with
+        # rare classes were quarantined.
         Defence(
             name="robust-noniid",
             keys={
