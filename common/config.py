@@ -33,9 +33,11 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 AttackKnowledge = Literal["own", "collude", "omniscient"]
 AttackData = Literal["own", "full"]
 DPBudgetAction = Literal["stop", "warn"]
-# Opacus' ways of computing per-sample gradients (Yousefpour et al., 2021): module
-# hooks, PyTorch's expanded weights, functorch's vmap, and ghost clipping (norms only)
-GradSampleMode = Literal["hooks", "ew", "functorch", "ghost"]
+# How DP-SGD clips per-sample gradients: Opacus' ways (Yousefpour et al., 2021: module
+# hooks, PyTorch's expanded weights, functorch's vmap, ghost clipping), ghost clipping
+# with Bastion's Conv2d ghost norms (task.ghost_norms), and one-pass book-keeping (Bu et
+# al., 2023; task.bookkeeping)
+GradSampleMode = Literal["hooks", "ew", "functorch", "ghost", "ghost-conv", "bookkeeping"]
 
 
 class ConfigError(ValueError):

@@ -132,8 +132,12 @@ def train_local(
     )
 
 
-#: Opacus' per-sample gradient implementations (``grad_sample_mode``).
-GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch", "ghost")
+#: Per-sample clipping implementations (``grad_sample_mode``): Opacus' own four, Opacus'
+#: ghost clipping with Bastion's ``Conv2d`` ghost norms (``ghost-conv``,
+#: :mod:`task.ghost_norms`), and one-pass book-keeping (:mod:`task.bookkeeping`).
+GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch", "ghost", "ghost-conv", "bookkeeping")
+#: the modes that clip without per-sample gradients (``p.grad`` is the clipped sum)
+FAST_CLIPPING_MODES = ("ghost", "ghost-conv", "bookkeeping")
 
 
 def dp_sample_rate(num_examples: int, batch_size: int) -> float:
@@ -186,16 +190,20 @@ def train_local_dp(
     reproduces). The step count is :func:`dp_num_steps`; an empty Poisson batch
     still takes a step (pure noise), as the privacy analysis assumes.
 
-    ``grad_sample_mode`` picks Opacus' per-sample gradient implementation
-    (:data:`GRAD_SAMPLE_MODES`; ``"ghost"`` is ghost clipping, which computes
-    per-sample norms without materialising per-sample gradients). ``seed`` seeds
+    ``grad_sample_mode`` picks how per-sample gradients are clipped
+    (:data:`GRAD_SAMPLE_MODES`): Opacus' per-sample gradients (``hooks``, ``ew``,
+    ``functorch``); Opacus' ghost clipping (``ghost``: per-sample norms in a first
+    backward pass, the clipped sum in a second), also with ghost norms for
+    ``Conv2d`` (``ghost-conv``); or book-keeping (``bookkeeping``: one backward
+    pass, :mod:`task.bookkeeping`). All give the same clipped sum, so the same
+    update for the same batch and noise; the privacy accounting is the same. ``seed`` seeds
     the batch sampling and the noise; ``None`` (what the ClientApp uses) draws a
     secret seed from the OS, because noise that the server could regenerate (e.g.
     from the round seed it sends) would protect nothing. ``noise_multiplier = 0``
     is clipping without noise: DP-SGD's optimisation, no privacy (epsilon = inf).
     ``step_hook(optimizer)`` runs after clipping and noising, before the parameter
     update (Opacus' step hook; ``p.grad_sample`` still holds the raw per-sample
-    gradients there, except in ghost mode).
+    gradients there, except in the :data:`FAST_CLIPPING_MODES`).
     """
     if len(data) == 0:
         raise ValueError("train_local_dp: the training set is empty")
@@ -218,11 +226,23 @@ def train_local_dp(
     rate = dp_sample_rate(num, batch_size)
     total_steps = dp_num_steps(num, batch_size, epochs=epochs, steps=steps)
     seed = secrets.randbits(62) if seed is None else seed
-    ghost = grad_sample_mode == "ghost"
+    ghost = grad_sample_mode in FAST_CLIPPING_MODES
 
     model.to(device).train()
-    extra = {"max_grad_norm": max_grad_norm} if ghost else {}
-    gsm = prepare_module(model, grad_sample_mode, batch_first=True, loss_reduction="mean", **extra)
+    gsm: Any
+    if grad_sample_mode == "bookkeeping":
+        from task.bookkeeping import GradSampleModuleBookKeeping
+
+        gsm = GradSampleModuleBookKeeping(model, max_grad_norm=max_grad_norm)
+    elif grad_sample_mode == "ghost-conv":
+        from task.ghost_norms import ghost_conv_module
+
+        gsm = ghost_conv_module(model, max_grad_norm=max_grad_norm)
+    else:
+        extra = {"max_grad_norm": max_grad_norm} if ghost else {}
+        gsm = prepare_module(
+            model, grad_sample_mode, batch_first=True, loss_reduction="mean", **extra
+        )
     sgd = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     dp_class = DPOptimizerFastGradientClipping if ghost else DPOptimizer
     optimizer = dp_class(
@@ -238,7 +258,11 @@ def train_local_dp(
         optimizer.attach_step_hook(step_hook)
     loss_fn = nn.CrossEntropyLoss()
     criterion: Callable[..., Any] = loss_fn
-    if ghost:
+    if grad_sample_mode == "bookkeeping":
+        from task.bookkeeping import DPLossBookKeeping
+
+        criterion = DPLossBookKeeping(gsm, loss_fn, "mean")
+    elif ghost:
         from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
         criterion = DPLossFastGradientClipping(gsm, optimizer, loss_fn, "mean")

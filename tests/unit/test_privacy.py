@@ -129,7 +129,7 @@ def test_every_model_is_one_opacus_can_train(dataset: str) -> None:
 def test_grad_sample_modes_train_the_same_cnn_without_noise() -> None:
     data = toy(48, (1, 28, 28), seed=1)
     trained = {}
-    for mode in ("hooks", "ew", "functorch", "ghost"):
+    for mode in ("hooks", "ew", "functorch", "ghost", "ghost-conv", "bookkeeping"):
         model = fresh("fashion-mnist")
         train_local_dp(
             model,
@@ -146,7 +146,7 @@ def test_grad_sample_modes_train_the_same_cnn_without_noise() -> None:
         trained[mode] = params_of(model)
     start = params_of(fresh("fashion-mnist"))
     assert not torch.equal(trained["hooks"], start)
-    for mode in ("ew", "functorch", "ghost"):
+    for mode in ("ew", "functorch", "ghost", "ghost-conv", "bookkeeping"):
         torch.testing.assert_close(trained[mode], trained["hooks"], rtol=1e-4, atol=1e-6)
 
 
@@ -197,7 +197,7 @@ def test_noise_is_secret_unless_a_seed_is_given() -> None:
     assert not torch.equal(run(None), run(None))
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bookkeeping"])
 def test_empty_poisson_batches_still_take_a_noise_only_step(mode: str) -> None:
     model = fresh()
     result = train_local_dp(
@@ -521,7 +521,11 @@ def test_importing_the_apps_does_not_import_opacus() -> None:
     ("key", "value", "allowed"),
     [
         ("dp-budget-action", "halt", "'stop', 'warn'"),
-        ("dp-grad-sample-mode", "vmap", "'hooks', 'ew', 'functorch', 'ghost'"),
+        (
+            "dp-grad-sample-mode",
+            "vmap",
+            "'hooks', 'ew', 'functorch', 'ghost', 'ghost-conv', 'bookkeeping'",
+        ),
         ("dp-delta", 1.5, "< 1"),
         ("dp-noise-multiplier", -0.5, ">= 0"),
         ("dp-max-grad-norm", -1.0, "> 0"),
