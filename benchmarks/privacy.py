@@ -1,15 +1,22 @@
-"""DP-SGD (Opacus) vs plain SGD: local-training throughput and per-round setup cost.
+"""DP-SGD vs plain SGD: local-training throughput, peak memory and per-round setup cost.
 
-Trains the Fashion-MNIST CNN (``task.models.MnistCNN``, 184,586 parameters) on a local
-training set of ``--examples`` Fashion-MNIST images (default 6,000: one client's share
-with 10 clients) through the exact functions the ClientApp calls:
+Trains ``--models``: the Fashion-MNIST CNN (``mnist``: ``task.models.MnistCNN``, 184,586
+parameters, on ``--examples`` Fashion-MNIST images, default 6,000: one client's share
+with 10 clients) and the CIFAR-10 CNN (``cifar``: ``Cifar10CNN``, 106,922 parameters,
+four convolutions with GroupNorm, on as many seeded Gaussian images of CIFAR-10's
+shape: CIFAR-10 is not on this machine, and a step's time does not depend on the
+pixels), through the exact functions the ClientApp calls:
 
 - **plain**: ``task.training.train_local`` (shuffled DataLoader, ``PlainSGD``);
 - **hooks / ew / functorch / ghost**: ``task.training.train_local_dp`` with that
-  ``grad_sample_mode`` (Opacus 1.6: Poisson-sampled ``DPDataLoader``, per-sample
+  Opacus ``grad_sample_mode`` (Opacus 1.6: Poisson-sampled ``DPDataLoader``, per-sample
   gradients or, for ``ghost``, per-sample norms via ghost clipping with a second
   backward pass, clipping to ``max_grad_norm``, Gaussian noise, ``DPOptimizer`` /
-  ``DPOptimizerFastGradientClipping`` around ``torch.optim.SGD``).
+  ``DPOptimizerFastGradientClipping`` around ``torch.optim.SGD``);
+- **ghost-conv**: Opacus' ghost clipping with Bastion's ``Conv2d`` ghost norms
+  (``task.ghost_norms``): still two backward passes;
+- **bookkeeping**: one backward pass (``task.bookkeeping``, Bu et al. 2023), same
+  Opacus loader, optimizer and noise.
 
 Hyper-parameters are the run-config defaults (lr 0.1, momentum 0.9, no weight decay;
 noise multiplier 1.0, max grad norm 1.0). For each torch thread count (``--threads``,
@@ -33,8 +40,12 @@ Poisson batch size, q = batch / examples):
    loader, the generators) and its teardown (``_close``), i.e. the per-round fixed
    cost of DP in a process where Opacus is already imported;
 4. the table gives the median per mode, the ratio plain/DP of the medians (the
-   target: DP-SGD at most 2x slower than plain SGD in samples/s) and the range of
-   the per-repetition (paired) ratios.
+   target: DP-SGD at most 1.5x slower than plain SGD in samples/s) and the range of
+   the per-repetition (paired) ratios;
+5. **peak MB** (``--memory-steps``, default 4; 0 skips it): in one fresh process per
+   (model, batch, mode), after a warm-up call, the resident memory that one call adds
+   at its peak over what the process held before it (``/proc/self/status`` VmHWM
+   after resetting it through ``/proc/self/clear_refs``; 1 thread).
 
 Separately (``--cold-modes``), one fresh subprocess per mode measures what the first
 round of a ClientApp process pays (Flower starts one per message): the Opacus import
@@ -43,6 +54,8 @@ then the setup of a second call. ``--profile MODE`` instead runs ``torch.profile
 over one call and prints the most expensive ops.
 
     python benchmarks/privacy.py                      # 1 and 2 threads, batch 64 and 256 (~5 min)
+    python benchmarks/privacy.py --models mnist cifar \
+        --modes plain hooks ghost ghost-conv bookkeeping
     python benchmarks/privacy.py --quick              # smoke check (< 1 min)
     python benchmarks/privacy.py --threads 1 --batches 64 --steps 30 --reps 7 --json dp.json
     python benchmarks/privacy.py --profile ghost --batches 256 --threads 1
@@ -252,7 +265,10 @@ def run_group(
 def summarise(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Median per (threads, batch, mode) and the plain/DP ratios."""
     rows = []
-    keys = sorted({(c["model"], c["threads"], c["batch"]) for c in calls})
+    keys = sorted(
+        {(c["model"], c["threads"], c["batch"]) for c in calls},
+        key=lambda k: (list(MODELS).index(k[0]), k[1], k[2]),
+    )
     for model, threads, batch in keys:
         group = [
             c for c in calls if (c["model"], c["threads"], c["batch"]) == (model, threads, batch)
