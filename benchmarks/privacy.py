@@ -54,8 +54,7 @@ then the setup of a second call. ``--profile MODE`` instead runs ``torch.profile
 over one call and prints the most expensive ops.
 
     python benchmarks/privacy.py                      # 1 and 2 threads, batch 64 and 256 (~5 min)
-    python benchmarks/privacy.py --models mnist cifar \
-        --modes plain hooks ghost ghost-conv bookkeeping
+    python benchmarks/privacy.py --models mnist cifar --modes plain ghost bookkeeping
     python benchmarks/privacy.py --quick              # smoke check (< 1 min)
     python benchmarks/privacy.py --threads 1 --batches 64 --steps 30 --reps 7 --json dp.json
     python benchmarks/privacy.py --profile ghost --batches 256 --threads 1
