@@ -114,6 +114,9 @@ class Grid:
     # every group ("main", each [[sweep]]'s name) -> the slugs of its cells, including
     # the cells it repeats from another group (run and listed once, under the first)
     groups: dict[str, list[str]] = field(default_factory=dict)
+    # every [[sweep]] -> its cells under the sweep's own labels: (labels, slug of the
+    # cell that runs it); a repeated cell keeps the labels of the group it was first in
+    labelled: dict[str, list[tuple[dict[str, str], str]]] = field(default_factory=dict)
 
 
 def _axis_values(name: str, values: Any) -> list[tuple[str, dict[str, Any]]]:
@@ -240,6 +243,9 @@ def load_grid(path: str | Path) -> Grid:
                 grid.cells.append(cell)
             points.append((next(iter(labels.values()), ""), seen[key]))
             grid.groups.setdefault(group, []).append(seen[key].slug)
+            if group != "main":
+                own = labels | {k: str(v) for k, v in fixed.items()}
+                grid.labelled.setdefault(group, []).append((own, seen[key].slug))
         if group != "main" and len(axes) == 1:
             fixed_labels = {k: str(v) for k, v in fixed.items()}
             grid.sweeps.append(Sweep(group, next(iter(axes)), fixed_labels, points))
@@ -256,7 +262,10 @@ def only_groups(grid: Grid, groups: Iterable[str]) -> Grid:
     slugs = {slug for name in keep for slug in grid.groups.get(name, [])}
     cells = [c for c in grid.cells if c.group in keep or c.slug in slugs]
     members = {name: list(grid.groups[name]) for name in grid.groups if name in keep}
-    return Grid(grid.clients, grid.backend, grid.malicious, grid.base, cells, sweeps, members)
+    labelled = {name: list(v) for name, v in grid.labelled.items() if name in keep}
+    return Grid(
+        grid.clients, grid.backend, grid.malicious, grid.base, cells, sweeps, members, labelled
+    )
 
 
 def cell_done(cell_dir: Path) -> bool:
@@ -402,7 +411,10 @@ def _tail_mean(rows: list[dict[str, Any]]) -> float | None:
 
 
 def write_tables(
-    results: list[tuple[Cell, Path, bool]], out: Path, sweeps: Sequence[Sweep] = ()
+    results: list[tuple[Cell, Path, bool]],
+    out: Path,
+    sweeps: Sequence[Sweep] = (),
+    labelled: Mapping[str, Sequence[tuple[dict[str, str], str]]] | None = None,
 ) -> list[dict[str, Any]]:
     """``results.csv`` and ``results.md`` (one row per cell, then the attack x defence
     pivots and one table per sweep); returns the rows."""
@@ -428,7 +440,9 @@ def write_tables(
     cells = [c for c, _, _ in results]
     md += "".join(ranking_tables(cells, by_slug, m) for m in PIVOTS)
     md += "".join(pivot_tables(cells, by_slug, m) for m in PIVOTS)
-    (out / "results.md").write_text(md + sweep_tables(sweeps, by_slug))
+    md += sweep_tables(sweeps, by_slug)
+    md += "".join(sweep_ranking_tables(labelled or {}, by_slug, m) for m in PIVOTS)
+    (out / "results.md").write_text(md)
     return rows
 
 
@@ -481,9 +495,14 @@ NOT_DEFENCE = ("partitioner", "attack", "seed")
 def defence(cell: Cell) -> str:
     """A cell's defence: every label but its partitioner, attack and seed (the
     aggregator by its value alone, the others as ``key=value``)."""
+    return _defence_of(cell.labels)
+
+
+def _defence_of(labels: Mapping[str, str]) -> str:
+    # an "aggregator" or a "defence" axis names the defence by its value alone
     parts = [
-        f"{k}={v}" if k != "aggregator" else v
-        for k, v in cell.labels.items()
+        v if k in ("aggregator", "defence") else f"{k}={v}"
+        for k, v in labels.items()
         if k not in NOT_DEFENCE
     ]
     return " ".join(parts) or "default"
@@ -546,38 +565,83 @@ def ranking_tables(
     each attack (mean ± sample standard deviation over the ``seed`` axis when it has
     several values), then the worst case over the attacks. Defences whose every
     attack finished come first, best worst case first; the others follow with the
-    cells they have. This is the table a defence is chosen from."""
+    cells they have. This is the table a defence is chosen from (main grid)."""
     out = []
-    for part, members, attacks in _by_partitioner(c for c in cells if not c.infeasible):
-        values: dict[str, dict[str, list[float]]] = {}
-        for c in members:
-            row = rows[c.slug]
-            per_attack = values.setdefault(defence(c), {a: [] for a in attacks})
-            if row["status"] == "completed" and row.get(metric) is not None:
-                per_attack[c.labels["attack"]].append(float(row[metric]))
-        expected: dict[tuple[str, str], int] = {}  # cells per (defence, attack): seeds
-        for c in members:
-            expected.setdefault((defence(c), c.labels["attack"]), 0)
-            expected[(defence(c), c.labels["attack"])] += 1
-        table = []
-        for name, per_attack in values.items():
-            complete = all(len(per_attack[a]) == expected.get((name, a), 0) > 0 for a in attacks)
-            stats = {a: _mean_std(v) for a, v in per_attack.items() if v}
-            worst = min((m for m, _ in stats.values()), default=None) if complete else None
-            table.append((name, stats, worst))
-        table.sort(key=lambda t: (t[2] is None, -(t[2] or 0.0)))
-        seeds = max(expected.values())
-        fmt = _with_spread if seeds > 1 else _plain
-        title = PIVOTS.get(metric, metric)
-        out.append(
-            f"\n### Defences ranked by their worst case ({title.lower()}), partitioner = {part}\n"
-        )
-        if seeds > 1:
-            out.append(f"(mean ± sample standard deviation over {seeds} seeds)\n")
-        out.append("| defence | " + " | ".join(attacks) + " | worst |")
-        out.append("|---|" + "---|" * (len(attacks) + 1))
-        for name, stats, worst in table:
-            cols = [fmt(stats.get(a)) for a in attacks]
-            cols.append("–" if worst is None else f"{worst:.3f}")
-            out.append(f"| {name} | " + " | ".join(cols) + " |")
-    return "\n".join(out) + "\n" if out else ""
+    for part, members, _ in _by_partitioner(c for c in cells if not c.infeasible):
+        labelled = [(c.labels, c.slug) for c in members]
+        out.append(_ranking(f"partitioner = {part}", labelled, rows, metric))
+    return "".join(out)
+
+
+def sweep_ranking_tables(
+    labelled: Mapping[str, Sequence[tuple[dict[str, str], str]]],
+    rows: Mapping[str, dict[str, Any]],
+    metric: str = "final_accuracy",
+) -> str:
+    """:func:`ranking_tables` for every ``[[sweep]]`` with an ``attack`` and a ``seed``
+    axis (e.g. a final comparison over 3 seeds), one per partitioner of the sweep,
+    from the sweep's own labels (``labelled``: :attr:`Grid.labelled`)."""
+    out = []
+    for name, members in labelled.items():
+        members = [(lab, slug) for lab, slug in members if slug in rows]
+        seeds = {lab.get("seed") for lab, _ in members}
+        if not members or "attack" not in members[0][0] or len(seeds) < 2:
+            continue
+        for part in dict.fromkeys(lab.get("partitioner", "all") for lab, _ in members):
+            mine = [(lab, slug) for lab, slug in members if lab.get("partitioner", "all") == part]
+            mine = [(lab, slug) for lab, slug in mine if not rows[slug].get("note")]
+            # labels every member shares (the sweep's fixed keys) name no defence
+            same = (
+                {
+                    k
+                    for k, v in mine[0][0].items()
+                    if k not in NOT_DEFENCE and all(lab.get(k) == v for lab, _ in mine)
+                }
+                if mine
+                else set()
+            )
+            if mine and len(same) < len([k for k in mine[0][0] if k not in NOT_DEFENCE]):
+                mine = [
+                    ({k: v for k, v in lab.items() if k not in same}, slug) for lab, slug in mine
+                ]
+            out.append(_ranking(f"sweep {name}, partitioner = {part}", mine, rows, metric))
+    return "".join(out)
+
+
+def _ranking(
+    where: str,
+    members: Sequence[tuple[Mapping[str, str], str]],
+    rows: Mapping[str, dict[str, Any]],
+    metric: str,
+) -> str:
+    """One ranking table over ``members`` ((labels, slug) with an ``attack`` label)."""
+    attacks = list(dict.fromkeys(lab["attack"] for lab, _ in members))
+    values: dict[str, dict[str, list[float]]] = {}
+    expected: dict[tuple[str, str], int] = {}  # cells per (defence, attack): seeds
+    for lab, slug in members:
+        name, attack = _defence_of(lab), lab["attack"]
+        per_attack = values.setdefault(name, {a: [] for a in attacks})
+        expected[(name, attack)] = expected.get((name, attack), 0) + 1
+        row = rows[slug]
+        if row["status"] == "completed" and row.get(metric) is not None:
+            per_attack[attack].append(float(row[metric]))
+    table = []
+    for name, per_attack in values.items():
+        complete = all(len(per_attack[a]) == expected.get((name, a), 0) > 0 for a in attacks)
+        stats = {a: _mean_std(v) for a, v in per_attack.items() if v}
+        worst = min((m for m, _ in stats.values()), default=None) if complete else None
+        table.append((name, stats, worst))
+    table.sort(key=lambda t: (t[2] is None, -(t[2] or 0.0)))
+    seeds = max(expected.values(), default=1)
+    fmt = _with_spread if seeds > 1 else _plain
+    title = PIVOTS.get(metric, metric)
+    out = [f"\n### Defences ranked by their worst case ({title.lower()}), {where}\n"]
+    if seeds > 1:
+        out.append(f"(mean ± sample standard deviation over {seeds} seeds)\n")
+    out.append("| defence | " + " | ".join(attacks) + " | worst |")
+    out.append("|---|" + "---|" * (len(attacks) + 1))
+    for name, stats, worst in table:
+        cols = [fmt(stats.get(a)) for a in attacks]
+        cols.append("–" if worst is None else f"{worst:.3f}")
+        out.append(f"| {name} | " + " | ".join(cols) + " |")
+    return "\n".join(out) + "\n"

@@ -314,6 +314,63 @@ seed = [0, 1]
     assert "over 2 seeds" in ranked
 
 
+def test_a_sweep_over_seeds_gets_its_own_ranking_and_reuses_cells(tmp_path: Path) -> None:
+    """A [[sweep]] with attack and seed axes is ranked like the main grid, from its own
+    labels, also for a cell that another sweep ran first (under other labels)."""
+    from bastion.experiments import only_groups
+
+    text = """
+[grid]
+clients = 6
+malicious = 1
+
+[base]
+dataset = "digits"
+num-server-rounds = 2
+seed = 0
+
+[[sweep]]
+name = "first"
+fixed = {partitioner = "label-sorted"}
+axes.defence = [{aggregator = "krum", label = "the krum"}]
+axes.attack = [{attack = "ipm", label = "ipm"}]
+
+[[sweep]]
+name = "final"
+fixed = {partitioner = "label-sorted"}
+axes.defence = [{aggregator = "mean", label = "avg"}, {aggregator = "krum", label = "krum"}]
+axes.seed = [0, 1, 2]
+axes.attack = [{attack = "none", label = "none"}, {attack = "ipm", label = "ipm"}]
+"""
+    grid = load_grid(write(tmp_path, text))
+    # krum / ipm / seed 0 is "first"'s cell: run once, listed under "first"
+    assert len(grid.cells) == 2 * 3 * 2 and len(grid.labelled["final"]) == 12
+    accuracy = {"mean": {"none": 0.7, "ipm": 0.1}, "krum": {"none": 0.6, "ipm": 0.4}}
+
+    def runner(overrides: dict, cell_dir: Path, clients: int) -> int:
+        cell_dir.mkdir(parents=True, exist_ok=True)
+        acc = accuracy[overrides["aggregator"]][overrides["attack"]] + 0.01 * overrides["seed"]
+        (cell_dir / "metrics.jsonl").write_text(json.dumps({"round": 1}) + "\n")
+        (cell_dir / "summary.json").write_text(
+            json.dumps({"status": "completed", "final_accuracy": acc})
+        )
+        return 0
+
+    picked = only_groups(grid, ["final"])
+    out = tmp_path / "out"
+    write_tables(
+        run_grid(picked, out, runner, echo=lambda _: None), out, picked.sweeps, picked.labelled
+    )
+    md = (out / "results.md").read_text()
+    ranked = md.split("sweep final, partitioner = label-sorted")[1].split("###")[0]
+    lines = [line for line in ranked.splitlines() if line.startswith("| ")]
+    assert lines[0] == "| defence | none | ipm | worst |"
+    # seeds 0, 1, 2 add 0, 0.01, 0.02: krum's ipm mean 0.41 includes "first"'s cell
+    assert lines[1] == "| krum | 0.610 ± 0.010 | 0.410 ± 0.010 | 0.410 |"
+    assert lines[2] == "| avg | 0.710 ± 0.010 | 0.110 ± 0.010 | 0.110 |"
+    assert "over 3 seeds" in ranked
+
+
 def test_only_some_groups_run(tmp_path: Path, capsys) -> None:
     from bastion.cli import main
     from bastion.experiments import only_groups
