@@ -229,10 +229,12 @@ class RunConfig(_FlatModel):
     # > 0: a node's whole-run budget; what happens when a round would exceed it
     dp_max_epsilon: float = Field(0.0, ge=0, le=1e6)
     dp_budget_action: DPBudgetAction = "stop"
-    # ghost clipping (Lee & Kifer, 2021; Li et al., 2022: per-sample norms without
-    # per-sample gradients) was the fastest of Opacus' modes for MnistCNN on CPU here
-    # (batch 64 and 256)
-    dp_grad_sample_mode: GradSampleMode = "ghost"
+    # one-pass book-keeping with ghost norms (Bu et al., 2023; task.bookkeeping): the
+    # fastest mode in every setting benchmarks/privacy.py measures (MnistCNN and
+    # Cifar10CNN, batch 64 and 256, 1 and 2 threads; 1.27-1.71x plain SGD against
+    # 2.2-3.2x for Opacus' ghost clipping; docs/PERFORMANCE.md), same update as
+    # Opacus' hooks mode (tests/unit/test_bookkeeping.py)
+    dp_grad_sample_mode: GradSampleMode = "bookkeeping"
     # Server side (strategies.rules.dpcheck, docs/PRIVACY.md): reject updates that
     # cannot carry the declared DP-SGD noise (too short for it, or nearly a copy of
     # another); dp-check-alpha bounds the chance that a round of honest updates loses
