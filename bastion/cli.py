@@ -552,7 +552,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
             (c, out / "cells" / c.slug, cell_done(out / "cells" / c.slug)) for c in grid.cells
         ]
     rows = write_tables(results, out, grid.sweeps, grid.labelled)
-    plots = plot_grid(results, out, grid.sweeps)
+    plots = plot_grid(results, out, grid.sweeps, grid.labelled)
     done = sum(ok for c, _, ok in results if not c.infeasible)
     infeasible = sum(bool(c.infeasible) for c, _, _ in results)
     print(

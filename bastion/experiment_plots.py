@@ -10,6 +10,9 @@
   malicious updates (see ``strategies.strategy.RoundSummary``), per defence;
 * ``sweep-<name>.png``: final accuracy against the swept value of each one-axis
   sweep (and the largest DP epsilon, when the cells ran DP-SGD);
+* ``seeds-<name>.png``: for each ``[[sweep]]`` with an attack and a seed axis, final
+  accuracy per attack and defence, the mean over seeds as a bar, the sample standard
+  deviation as its error bar and every seed as a dot;
 * ``privacy.png``: when main cells ran DP-SGD, final accuracy and the largest
   whole-run epsilon per defence (e.g. noise multiplier), one line per attack.
 
@@ -21,11 +24,11 @@ from __future__ import annotations
 import json
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bastion.experiments import Cell, Sweep, cell_row, defence
+from bastion.experiments import Cell, Sweep, cell_row, defence, defence_of, mean_std
 from common.figures import save_figure
 from common.runlog import read_jsonl
 
@@ -47,15 +50,23 @@ def _grid_of(n: int) -> tuple[int, int]:
 
 
 def plot_grid(
-    results: list[tuple[Cell, Path, bool]], out: Path, sweeps: Sequence[Sweep] = ()
+    results: list[tuple[Cell, Path, bool]],
+    out: Path,
+    sweeps: Sequence[Sweep] = (),
+    labelled: Mapping[str, Sequence[tuple[dict[str, str], str]]] | None = None,
 ) -> list[Path]:
-    """Write the plots for the finished cells of ``results`` into ``out``; return them."""
+    """Write the plots for the finished cells of ``results`` into ``out``; return them
+    (``labelled``: :attr:`bastion.experiments.Grid.labelled`, for the seed plots)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     written = [p for sweep in sweeps if (p := _sweep_plot(sweep, out)) is not None]
+    cells = {c.slug: (c, d) for c, d, _ in results}
+    for name, members in (labelled or {}).items():
+        if (path := _seeds_plot(name, members, cells, out)) is not None:
+            written.append(path)
     done = [(c, d) for c, d, ok in results if ok and c.group == "main"]
     if not done:
         return written
@@ -230,6 +241,63 @@ def _sweep_plot(sweep: Sweep, out: Path) -> Path | None:
     _titled(fig, out, f"sweep of {sweep.key}")
     fig.tight_layout()
     return save_figure(fig, out / f"sweep-{sweep.name}.png", dpi=110, tight=False)
+
+
+def _seeds_plot(
+    name: str,
+    members: Sequence[tuple[dict[str, str], str]],
+    cells: Mapping[str, tuple[Cell, Path]],
+    out: Path,
+) -> Path | None:
+    """Grouped bars: per attack, each defence's mean final accuracy over the seeds,
+    with the sample standard deviation and the seeds' own values."""
+    import matplotlib.pyplot as plt
+
+    members = [(lab, slug) for lab, slug in members if slug in cells]
+    if (
+        not members
+        or "attack" not in members[0][0]
+        or len({lab.get("seed") for lab, _ in members}) < 2
+    ):
+        return None
+    same = {k for k, v in members[0][0].items() if all(lab.get(k) == v for lab, _ in members)}
+    values: dict[str, dict[str, list[float]]] = {}
+    attacks = list(dict.fromkeys(lab["attack"] for lab, _ in members))
+    for lab, slug in members:
+        row = cell_row(*cells[slug])
+        if row["status"] != "completed" or row.get("final_accuracy") is None:
+            continue
+        shown = {k: v for k, v in lab.items() if k not in same or k == "defence"}
+        per_attack = values.setdefault(defence_of(shown), {})
+        per_attack.setdefault(lab["attack"], []).append(float(row["final_accuracy"]))
+    if not values:
+        return None
+    width = 0.8 / len(values)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(attacks) + 2), 4.2))
+    for k, (label, per_attack) in enumerate(values.items()):
+        xs = [i - 0.4 + width * (k + 0.5) for i in range(len(attacks))]
+        stats = [mean_std(per_attack[a]) if per_attack.get(a) else (math.nan, 0.0) for a in attacks]
+        ax.bar(
+            xs,
+            [m for m, _ in stats],
+            width,
+            yerr=[sd for _, sd in stats],
+            capsize=2,
+            label=label,
+            alpha=0.8,
+        )
+        for x, a in zip(xs, attacks, strict=True):
+            seeds = per_attack.get(a, [])
+            ax.plot([x] * len(seeds), seeds, "k.", markersize=3)
+    ax.set_xticks(range(len(attacks)), attacks, rotation=30, ha="right")
+    ax.set(ylabel="final accuracy", ylim=(0, 1))
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper right")
+    fixed = ", ".join(f"{k}={v}" for k, v in members[0][0].items() if k in same and k != "defence")
+    ax.set_title(f"{name}: mean ± sd over seeds, dots: each seed\n{fixed}", fontsize=9)
+    _titled(fig, out, f"sweep {name} over seeds")
+    fig.tight_layout()
+    return save_figure(fig, out / f"seeds-{name}.png", dpi=110, tight=False)
 
 
 def _curves(

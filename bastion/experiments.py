@@ -495,10 +495,11 @@ NOT_DEFENCE = ("partitioner", "attack", "seed")
 def defence(cell: Cell) -> str:
     """A cell's defence: every label but its partitioner, attack and seed (the
     aggregator by its value alone, the others as ``key=value``)."""
-    return _defence_of(cell.labels)
+    return defence_of(cell.labels)
 
 
-def _defence_of(labels: Mapping[str, str]) -> str:
+def defence_of(labels: Mapping[str, str]) -> str:
+    """:func:`defence` from a cell's labels."""
     # an "aggregator" or a "defence" axis names the defence by its value alone
     parts = [
         v if k in ("aggregator", "defence") else f"{k}={v}"
@@ -541,7 +542,7 @@ def pivot_tables(
     return "\n".join(out) + "\n" if out else ""
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value)."""
     mean = sum(values) / len(values)
     if len(values) < 2:
@@ -619,7 +620,7 @@ def _ranking(
     values: dict[str, dict[str, list[float]]] = {}
     expected: dict[tuple[str, str], int] = {}  # cells per (defence, attack): seeds
     for lab, slug in members:
-        name, attack = _defence_of(lab), lab["attack"]
+        name, attack = defence_of(lab), lab["attack"]
         per_attack = values.setdefault(name, {a: [] for a in attacks})
         expected[(name, attack)] = expected.get((name, attack), 0) + 1
         row = rows[slug]
@@ -628,7 +629,7 @@ def _ranking(
     table = []
     for name, per_attack in values.items():
         complete = all(len(per_attack[a]) == expected.get((name, a), 0) > 0 for a in attacks)
-        stats = {a: _mean_std(v) for a, v in per_attack.items() if v}
+        stats = {a: mean_std(v) for a, v in per_attack.items() if v}
         worst = min((m for m, _ in stats.values()), default=None) if complete else None
         table.append((name, stats, worst))
     table.sort(key=lambda t: (t[2] is None, -(t[2] or 0.0)))

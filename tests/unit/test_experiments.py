@@ -369,6 +369,11 @@ axes.attack = [{attack = "none", label = "none"}, {attack = "ipm", label = "ipm"
     assert lines[1] == "| krum | 0.610 ± 0.010 | 0.410 ± 0.010 | 0.410 |"
     assert lines[2] == "| avg | 0.710 ± 0.010 | 0.110 ± 0.010 | 0.110 |"
     assert "over 3 seeds" in ranked
+    results = run_grid(picked, out, runner, echo=lambda _: None)
+    plots = plot_grid(results, out, picked.sweeps, grid.labelled)
+    assert out / "seeds-final.png" in plots and (out / "seeds-final.png").stat().st_size > 0
+    # a sweep without a seed axis gets no seed plot
+    assert not any(p.name.startswith("seeds-first") for p in plots)
 
 
 def test_only_some_groups_run(tmp_path: Path, capsys) -> None:
