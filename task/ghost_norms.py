@@ -209,30 +209,44 @@ def conv_grad_samples(layer: Conv, activation: Tensor, backprop: Tensor) -> Tens
         for part in _chunks(b, d * g.shape[2] * g.element_size(), g.device):
             torch.bmm(g[part], _unfold(layer, x[part]).transpose(1, 2), out=out[part])
         return out.view(b, *weight.shape)
+    # the weight is only read for its shape (no input gradient is asked for)
+    shape_only = weight.new_empty(1).expand(b * weight.shape[0], *weight.shape[1:])
+    stacked = _weight_grad(
+        layer,
+        x.reshape(1, b * x.shape[1], *x.shape[2:]),
+        backprop.reshape(1, b * c, *backprop.shape[2:]),
+        shape_only,
+        b * layer.groups,
+    )
+    return stacked.view(b, *weight.shape)
+
+
+def _weight_grad(layer: Conv, x: Tensor, grad_out: Tensor, weight: Tensor, groups: int) -> Tensor:
+    """The convolution's own weight-gradient kernel (``aten.convolution_backward``,
+    weight only) for input ``x`` and output gradient ``grad_out``, with ``layer``'s
+    stride, dilation and padding. Padding modes other than zeros and string paddings
+    are applied to ``x`` first, as ``nn.Conv*d`` does before ``F.conv*d`` (asymmetric
+    for an even kernel with ``padding="same"``)."""
     dims = x.dim() - 2
     padding: tuple[int, ...] | str = layer.padding
     if layer.padding_mode != "zeros" or isinstance(padding, str):
-        # what nn.Conv*d does before F.conv*d: pad explicitly (asymmetric for an even
-        # kernel with padding="same"), then convolve without padding
         mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
         x = F.pad(x, layer._reversed_padding_repeated_twice, mode=mode)
         padding = (0,) * dims
-    # the weight is only read for its shape (no input gradient is asked for)
-    shape_only = weight.new_empty(1).expand(b * weight.shape[0], *weight.shape[1:])
     grads = torch.ops.aten.convolution_backward(
-        backprop.reshape(1, b * c, *backprop.shape[2:]),
-        x.reshape(1, b * x.shape[1], *x.shape[2:]),
-        shape_only,
+        grad_out,
+        x,
+        weight,
         None,
         layer.stride,
         padding,
         layer.dilation,
         False,
         (0,) * dims,
-        b * layer.groups,
+        groups,
         (False, True, False),
     )
-    return grads[1].view(b, *weight.shape)
+    return grads[1]
 
 
 def conv_clipped_weight_sum(
@@ -244,26 +258,7 @@ def conv_clipped_weight_sum(
     b = backprop.shape[0]
     scaled = backprop * coef.to(backprop.dtype).view(b, *([1] * (backprop.dim() - 1)))
     x = activation.to(backprop.dtype)
-    dims = x.dim() - 2
-    padding: tuple[int, ...] | str = layer.padding
-    if layer.padding_mode != "zeros" or isinstance(padding, str):
-        mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
-        x = F.pad(x, layer._reversed_padding_repeated_twice, mode=mode)
-        padding = (0,) * dims
-    grads = torch.ops.aten.convolution_backward(
-        scaled,
-        x,
-        layer.weight.detach(),
-        None,
-        layer.stride,
-        padding,
-        layer.dilation,
-        False,
-        (0,) * dims,
-        layer.groups,
-        (False, True, False),
-    )
-    return grads[1]
+    return _weight_grad(layer, x, scaled, layer.weight.detach(), layer.groups)
 
 
 def conv2d_norm_sample(

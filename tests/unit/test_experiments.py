@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from bastion.experiment_plots import plot_grid
 from bastion.experiments import cell_done, load_grid, run_grid, write_tables
 from common.config import ConfigError
 
-GRID = """
+GRID_HEAD = """
 [grid]
 clients = 6
 malicious = 1
@@ -20,7 +21,10 @@ malicious = 1
 [base]
 dataset = "digits"
 num-server-rounds = 2
-
+"""
+GRID = (
+    GRID_HEAD
+    + """
 [axes]
 partitioner = ["iid", "label-sorted"]
 attack = [{attack = "none"}, {attack = "ipm", attack-epsilon = 0.1, label = "ipm 0.1"}]
@@ -31,6 +35,7 @@ name = "krum-ipm"
 fixed = {aggregator = "krum", attack = "ipm", partitioner = "iid"}
 axes = {attack-epsilon = [0.1, 10.0]}
 """
+)
 
 
 def write(tmp_path: Path, text: str = GRID) -> Path:
@@ -270,21 +275,35 @@ def test_pruned_cells_are_listed_with_their_reason_and_not_run(tmp_path: Path) -
             load_grid(write(tmp_path, GRID + "\n" + bad))
 
 
+def finishing(accuracy_of: Callable[[dict], float]) -> Callable[[dict, Path, int], int]:
+    """A fake cell runner: every cell completes one round at ``accuracy_of(overrides)``."""
+
+    def runner(overrides: dict, cell_dir: Path, clients: int) -> int:
+        cell_dir.mkdir(parents=True, exist_ok=True)
+        (cell_dir / "metrics.jsonl").write_text(json.dumps({"round": 1}) + "\n")
+        summary = {"status": "completed", "final_accuracy": accuracy_of(overrides)}
+        (cell_dir / "summary.json").write_text(json.dumps(summary))
+        return 0
+
+    return runner
+
+
+def ranking(out: Path, title: str) -> tuple[str, list[str]]:
+    """The first table of ``results.md`` after ``title``: its text and its rows."""
+    ranked = (out / "results.md").read_text().split(title)[1].split("###")[0]
+    return ranked, [line for line in ranked.splitlines() if line.startswith("| ")]
+
+
 def test_ranking_table_orders_defences_by_their_worst_case_over_seeds(tmp_path: Path) -> None:
-    text = """
-[grid]
-clients = 6
-malicious = 1
-
-[base]
-dataset = "digits"
-num-server-rounds = 2
-
+    text = (
+        GRID_HEAD
+        + """
 [axes]
 attack = [{attack = "none"}, {attack = "ipm", label = "ipm"}]
 aggregator = ["mean", "krum"]
 seed = [0, 1]
 """
+    )
     grid = load_grid(write(tmp_path, text))
     # clean: mean 0.70 / 0.72, krum 0.60; under IPM: mean 0.10, krum 0.50 / 0.60
     accuracy = {
@@ -294,19 +313,10 @@ seed = [0, 1]
         ("krum", "ipm"): (0.50, 0.60),
     }
 
-    def runner(overrides: dict, cell_dir: Path, clients: int) -> int:
-        cell_dir.mkdir(parents=True, exist_ok=True)
-        acc = accuracy[(overrides["aggregator"], overrides["attack"])][overrides["seed"]]
-        (cell_dir / "metrics.jsonl").write_text(json.dumps({"round": 1}) + "\n")
-        summary = {"status": "completed", "final_accuracy": acc}
-        (cell_dir / "summary.json").write_text(json.dumps(summary))
-        return 0
-
+    runner = finishing(lambda o: accuracy[(o["aggregator"], o["attack"])][o["seed"]])
     out = tmp_path / "out"
     write_tables(run_grid(grid, out, runner, echo=lambda _: None), out)
-    md = (out / "results.md").read_text()
-    ranked = md.split("### Defences ranked by their worst case")[1].split("###")[0]
-    lines = [line for line in ranked.splitlines() if line.startswith("| ")]
+    ranked, lines = ranking(out, "### Defences ranked by their worst case")
     assert lines[0] == "| defence | none | ipm | worst |"
     # krum's worst case (0.55) beats the mean's (0.10): krum first
     assert lines[1] == "| krum | 0.600 ± 0.000 | 0.550 ± 0.071 | 0.550 |"
@@ -319,15 +329,9 @@ def test_a_sweep_over_seeds_gets_its_own_ranking_and_reuses_cells(tmp_path: Path
     labels, also for a cell that another sweep ran first (under other labels)."""
     from bastion.experiments import only_groups
 
-    text = """
-[grid]
-clients = 6
-malicious = 1
-
-[base]
-dataset = "digits"
-num-server-rounds = 2
-seed = 0
+    text = (
+        GRID_HEAD
+        + """seed = 0
 
 [[sweep]]
 name = "first"
@@ -342,28 +346,19 @@ axes.defence = [{aggregator = "mean", label = "avg"}, {aggregator = "krum", labe
 axes.seed = [0, 1, 2]
 axes.attack = [{attack = "none", label = "none"}, {attack = "ipm", label = "ipm"}]
 """
+    )
     grid = load_grid(write(tmp_path, text))
     # krum / ipm / seed 0 is "first"'s cell: run once, listed under "first"
     assert len(grid.cells) == 2 * 3 * 2 and len(grid.labelled["final"]) == 12
     accuracy = {"mean": {"none": 0.7, "ipm": 0.1}, "krum": {"none": 0.6, "ipm": 0.4}}
 
-    def runner(overrides: dict, cell_dir: Path, clients: int) -> int:
-        cell_dir.mkdir(parents=True, exist_ok=True)
-        acc = accuracy[overrides["aggregator"]][overrides["attack"]] + 0.01 * overrides["seed"]
-        (cell_dir / "metrics.jsonl").write_text(json.dumps({"round": 1}) + "\n")
-        (cell_dir / "summary.json").write_text(
-            json.dumps({"status": "completed", "final_accuracy": acc})
-        )
-        return 0
-
+    runner = finishing(lambda o: accuracy[o["aggregator"]][o["attack"]] + 0.01 * o["seed"])
     picked = only_groups(grid, ["final"])
     out = tmp_path / "out"
     write_tables(
         run_grid(picked, out, runner, echo=lambda _: None), out, picked.sweeps, picked.labelled
     )
-    md = (out / "results.md").read_text()
-    ranked = md.split("sweep final, partitioner = label-sorted")[1].split("###")[0]
-    lines = [line for line in ranked.splitlines() if line.startswith("| ")]
+    ranked, lines = ranking(out, "sweep final, partitioner = label-sorted")
     assert lines[0] == "| defence | none | ipm | worst |"
     # seeds 0, 1, 2 add 0, 0.01, 0.02: krum's ipm mean 0.41 includes "first"'s cell
     assert lines[1] == "| krum | 0.610 ± 0.010 | 0.410 ± 0.010 | 0.410 |"
