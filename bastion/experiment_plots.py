@@ -292,11 +292,12 @@ def _seeds_plot(
     ax.set_xticks(range(len(attacks)), attacks, rotation=30, ha="right")
     ax.set(ylabel="final accuracy", ylim=(0, 1))
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="upper right")
+    # below the axes, so that no bar hides behind it
+    fig.legend(fontsize=8, loc="lower center", ncol=min(len(values), 4), frameon=False)
     fixed = ", ".join(f"{k}={v}" for k, v in members[0][0].items() if k in same and k != "defence")
     ax.set_title(f"{name}: mean ± sd over seeds, dots: each seed\n{fixed}", fontsize=9)
     _titled(fig, out, f"sweep {name} over seeds")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     return save_figure(fig, out / f"seeds-{name}.png", dpi=110, tight=False)
 
 
