@@ -90,8 +90,6 @@ def _contribution(
         return None, None, {p: gs for p, gs in grads.items() if p.requires_grad}
     weight, bias = module.weight, module.bias  # type: ignore[union-attr]
     samples: dict[nn.Parameter, Tensor] = {}
-    sq_norms: Tensor | None = None
-    deferred: Deferred | None = None
     if bias is not None and bias.requires_grad:
         positions = backprop.reshape(b, backprop.shape[1], -1) if kind in _CONVS else backprop
         samples[bias] = positions.sum(2) if kind in _CONVS else _linear_bias(backprop)
@@ -111,7 +109,7 @@ def _contribution(
 
         return sq_norms, (weight, clipped_sum), samples
     samples[weight] = conv_grad_samples(module, activation, backprop)  # type: ignore[arg-type]
-    return sq_norms, deferred, samples
+    return None, None, samples
 
 
 def _linear_bias(backprop: Tensor) -> Tensor:
@@ -177,7 +175,6 @@ class GradSampleModuleBookKeeping(nn.Module):
         ]
         self._calls: list[tuple[nn.Module, Tensor, Tensor, int]] = []
         self._handles = [layer.register_forward_hook(self._capture) for layer in self._layers]
-        self.per_sample_norms: Tensor | None = None  # of the last step (not private)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The wrapped model's forward pass; records each layer's input and output."""
@@ -199,17 +196,12 @@ class GradSampleModuleBookKeeping(nn.Module):
             )
         self._calls.append((module, inputs[0].detach(), output, output._version))
 
-    def parameters_to_clip(self) -> list[nn.Parameter]:
-        """The trainable parameters whose ``grad`` a backward pass sets."""
-        return list(self._params)
-
     def clipped_backward(self, loss_per_sample: Tensor) -> None:
         """Set ``p.grad`` (added to an existing one) to ``sum_i c_i grad_i`` for the
         per-sample losses ``loss_per_sample`` ``(B,)`` of the last forward pass."""
         calls, self._calls = self._calls, []
         batch = loss_per_sample.shape[0]
         if batch == 0 or not calls:
-            self.per_sample_norms = loss_per_sample.new_zeros(batch)
             for p in self._params:
                 _add_grad(p, torch.zeros_like(p))
             return
@@ -244,7 +236,6 @@ class GradSampleModuleBookKeeping(nn.Module):
         for step in steps.values():
             for gs in step.samples.values():
                 sq_norms += torch.linalg.vector_norm(gs.reshape(batch, -1), dim=1).square()
-        self.per_sample_norms = sq_norms.sqrt()
         coef = clip_coefficients(sq_norms, self.max_grad_norm).to(loss_per_sample.dtype)
         touched: set[int] = set()
         for step in steps.values():
