@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from task.ghost_norms import (
     conv2d_ghost_sq_norms,
+    conv_bias_grad_samples,
     conv_clipped_weight_sum,
     conv_form,
     conv_grad_samples,
@@ -91,8 +92,8 @@ def _contribution(
     weight, bias = module.weight, module.bias  # type: ignore[union-attr]
     samples: dict[nn.Parameter, Tensor] = {}
     if bias is not None and bias.requires_grad:
-        positions = backprop.reshape(b, backprop.shape[1], -1) if kind in _CONVS else backprop
-        samples[bias] = positions.sum(2) if kind in _CONVS else _linear_bias(backprop)
+        convolution = kind in _CONVS
+        samples[bias] = conv_bias_grad_samples(backprop) if convolution else _linear_bias(backprop)
     if not weight.requires_grad:
         return None, None, samples
     if kind is nn.Linear:

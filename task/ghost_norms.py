@@ -249,6 +249,12 @@ def _weight_grad(layer: Conv, x: Tensor, grad_out: Tensor, weight: Tensor, group
     return grads[1]
 
 
+def conv_bias_grad_samples(backprop: Tensor) -> Tensor:
+    """Per-sample bias gradients ``(B, C_out)`` of a convolution: its output gradient
+    ``(B, C_out, *spatial)`` summed over the positions."""
+    return backprop.reshape(backprop.shape[0], backprop.shape[1], -1).sum(2)
+
+
 def conv_clipped_weight_sum(
     layer: Conv, activation: Tensor, backprop: Tensor, coef: Tensor
 ) -> Tensor:
@@ -277,8 +283,7 @@ def conv2d_norm_sample(
             grads = conv_grad_samples(layer, activation, backprops)
             out[layer.weight] = torch.linalg.vector_norm(grads.view(b, -1), dim=1)
     if layer.bias is not None and layer.bias.requires_grad:
-        per_sample_bias = backprops.reshape(b, backprops.shape[1], -1).sum(2)
-        out[layer.bias] = torch.linalg.vector_norm(per_sample_bias, dim=1)
+        out[layer.bias] = torch.linalg.vector_norm(conv_bias_grad_samples(backprops), dim=1)
     return out
 
 
