@@ -28,7 +28,16 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bastion.experiments import Cell, Sweep, cell_row, defence, defence_of, mean_std
+from bastion.experiments import (
+    Cell,
+    Sweep,
+    cell_row,
+    defence,
+    defence_of,
+    mean_std,
+    over_seeds,
+    shared_labels,
+)
 from common.figures import save_figure
 from common.runlog import read_jsonl
 
@@ -254,13 +263,9 @@ def _seeds_plot(
     import matplotlib.pyplot as plt
 
     members = [(lab, slug) for lab, slug in members if slug in cells]
-    if (
-        not members
-        or "attack" not in members[0][0]
-        or len({lab.get("seed") for lab, _ in members}) < 2
-    ):
+    if not over_seeds(members):
         return None
-    same = {k for k, v in members[0][0].items() if all(lab.get(k) == v for lab, _ in members)}
+    same = shared_labels(members)
     values: dict[str, dict[str, list[float]]] = {}
     attacks = list(dict.fromkeys(lab["attack"] for lab, _ in members))
     for lab, slug in members:

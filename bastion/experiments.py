@@ -574,6 +574,20 @@ def ranking_tables(
     return "".join(out)
 
 
+def over_seeds(members: Sequence[tuple[Mapping[str, str], str]]) -> bool:
+    """Whether a sweep's ``(labels, slug)`` members have an attack and several seeds."""
+    seeds = {lab.get("seed") for lab, _ in members}
+    return bool(members) and "attack" in members[0][0] and len(seeds) > 1
+
+
+def shared_labels(members: Sequence[tuple[Mapping[str, str], str]]) -> set[str]:
+    """The label keys with one value across all ``(labels, slug)`` members."""
+    if not members:
+        return set()
+    first = members[0][0]
+    return {k for k, v in first.items() if all(lab.get(k) == v for lab, _ in members)}
+
+
 def sweep_ranking_tables(
     labelled: Mapping[str, Sequence[tuple[dict[str, str], str]]],
     rows: Mapping[str, dict[str, Any]],
@@ -585,22 +599,13 @@ def sweep_ranking_tables(
     out = []
     for name, members in labelled.items():
         members = [(lab, slug) for lab, slug in members if slug in rows]
-        seeds = {lab.get("seed") for lab, _ in members}
-        if not members or "attack" not in members[0][0] or len(seeds) < 2:
+        if not over_seeds(members):
             continue
         for part in dict.fromkeys(lab.get("partitioner", "all") for lab, _ in members):
             mine = [(lab, slug) for lab, slug in members if lab.get("partitioner", "all") == part]
             mine = [(lab, slug) for lab, slug in mine if not rows[slug].get("note")]
             # labels every member shares (the sweep's fixed keys) name no defence
-            same = (
-                {
-                    k
-                    for k, v in mine[0][0].items()
-                    if k not in NOT_DEFENCE and all(lab.get(k) == v for lab, _ in mine)
-                }
-                if mine
-                else set()
-            )
+            same = shared_labels(mine) - set(NOT_DEFENCE)
             if mine and len(same) < len([k for k in mine[0][0] if k not in NOT_DEFENCE]):
                 mine = [
                     ({k: v for k, v in lab.items() if k not in same}, slug) for lab, slug in mine
