@@ -243,13 +243,15 @@ class RunConfig(_FlatModel):
     dp_check_alpha: float = Field(1e-6, gt=0, lt=1)
     # Reputation (strategies.rules.reputation): each node's suspicion score, an exponential
     # moving average of per-round evidence (rejected, left out by a selection rule,
-    # far from the aggregate); with quarantine-threshold > 0, nodes at or above it sit
-    # out quarantine-rounds rounds (longer each time), at most quarantine-max at once
+    # far from the aggregate, pointing against it); with quarantine-threshold > 0,
+    # nodes at or above it sit out quarantine-rounds rounds (longer each time), at most
+    # quarantine-max at once
     # (-1: num-byzantine, or no cap when that is 0)
     reputation_decay: float = Field(0.7, ge=0, lt=1)
     reputation_weight_unselected: float = Field(0.5, ge=0, le=1)
     reputation_weight_far: float = Field(0.5, ge=0, le=1)
     reputation_weight_missing: float = Field(0.0, ge=0, le=1)
+    reputation_weight_opposed: float = Field(0.0, ge=0, le=1)
     quarantine_threshold: float = Field(0.0, ge=0, le=1)
     quarantine_rounds: int = Field(3, ge=1, le=100_000)
     # the k-th quarantine of the same node lasts quarantine-rounds * escalation^(k-1)

@@ -36,6 +36,7 @@ def reputation_from_config(cfg: RunConfig) -> Reputation:
             weight_unselected=cfg.reputation_weight_unselected,
             weight_far=cfg.reputation_weight_far,
             weight_missing=cfg.reputation_weight_missing,
+            weight_opposed=cfg.reputation_weight_opposed,
             quarantine_threshold=cfg.quarantine_threshold,
             quarantine_rounds=cfg.quarantine_rounds,
             escalation=cfg.quarantine_escalation,

@@ -10,7 +10,7 @@ from the round's diagnostics:
 * ``weight_missing`` when it sent **no reply** within the round timeout (default
   ``0``: a crash or a cut cable is not evidence of malice);
 * for an accepted reply, the mean of the signals the round has for it, weighted
-  by ``weight_unselected`` and ``weight_far``:
+  by ``weight_unselected``, ``weight_far`` and ``weight_opposed``:
 
   - *left out*: ``m / n`` when a selection rule (Krum, Multi-Krum, Bulyan, ...)
     chose ``m`` of ``n`` replies and **not this one**, 0 when it chose this one
@@ -19,7 +19,18 @@ from the round's diagnostics:
     (mean, median, ...) give no such signal;
   - *far*: ``clamp(d / median(d) - 1, 0, 1)`` for its distance ``d`` to the
     aggregate, relative to the median distance of the round's accepted replies
-    (0 up to the median, 1 at twice the median and beyond).
+    (0 up to the median, 1 at twice the median and beyond);
+  - *opposed*: ``clamp(-cos, 0, 1)`` for the cosine between its update and the
+    aggregate: 0 for any update with a non-negative component along the round's
+    consensus, 1 for one pointing straight against it (IPM, sign flip).
+
+  *Far* and *opposed* answer different heterogeneity. On label-sorted data honest
+  updates are nearly orthogonal to the aggregate (cosines down to -0.3 in single
+  rounds, ``docs/ROBUSTNESS.md``, stage 3), so *opposed* would accuse them there;
+  on Dirichlet data honest nodes with rare classes sit at two and three times the
+  median distance while every honest cosine stays above 0.1, so *far* accuses them
+  and *opposed* does not. The defence preset (``bastion.defences``) picks its
+  weights from that measurement.
 
 The suspicion score is an exponential moving average,
 ``s <- decay * s + (1 - decay) * e``, so it stays in ``[0, 1]`` and reads as
@@ -65,6 +76,7 @@ class RoundObservation(Protocol):
     status: str
     selected: bool | None
     distance_to_aggregate: float | None
+    cosine_to_aggregate: float | None
     no_reply: bool  # rejected because nothing came back (timeout, node offline)
 
 
@@ -76,6 +88,7 @@ class ReputationConfig:
     weight_unselected: float = 0.5
     weight_far: float = 0.5
     weight_missing: float = 0.0
+    weight_opposed: float = 0.0
     quarantine_threshold: float = 0.0  # 0: never quarantine
     quarantine_rounds: int = 3
     escalation: float = 2.0  # each further quarantine of a node lasts this much longer
@@ -91,6 +104,12 @@ class ReputationConfig:
                 "0..1",
             ),
             ("reputation-weight-far", self.weight_far, 0.0 <= self.weight_far <= 1.0, "0..1"),
+            (
+                "reputation-weight-opposed",
+                self.weight_opposed,
+                0.0 <= self.weight_opposed <= 1.0,
+                "0..1",
+            ),
             (
                 "reputation-weight-missing",
                 self.weight_missing,
@@ -159,6 +178,10 @@ class Reputation:
             if d is not None and math.isfinite(d) and median > 0:
                 total += cfg.weight_far * min(1.0, max(0.0, d / median - 1.0))
                 weight += cfg.weight_far
+            c = obs.cosine_to_aggregate
+            if cfg.weight_opposed > 0 and c is not None and math.isfinite(c):
+                total += cfg.weight_opposed * min(1.0, max(0.0, -c))
+                weight += cfg.weight_opposed
             out[obs.node_id] = total / weight if weight > 0 else 0.0
         return out
 

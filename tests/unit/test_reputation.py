@@ -72,6 +72,41 @@ def test_far_evidence_grows_from_the_median_to_twice_it() -> None:
     assert e[11] == 0.0  # closer than the median is no evidence
 
 
+def test_opposed_evidence_is_the_negative_part_of_the_cosine() -> None:
+    rep = Reputation(ReputationConfig(weight_far=0.0, weight_unselected=0.0, weight_opposed=1.0))
+
+    def obs(node: int, cosine: float | None) -> NodeDiagnostics:
+        return NodeDiagnostics(1, node, "accepted", cosine_to_aggregate=cosine)
+
+    e = rep.evidence([obs(1, 0.3), obs(2, 0.0), obs(3, -0.4), obs(4, -1.0), obs(5, None)])
+    assert e[1] == e[2] == 0.0  # any non-negative component along the consensus
+    assert e[3] == pytest.approx(0.4)
+    assert e[4] == pytest.approx(1.0)  # pointing straight against it (IPM, sign flip)
+    assert e[5] == 0.0  # no cosine (no aggregate): no signal
+
+
+def test_far_and_opposed_evidence_are_weighted_by_their_weights() -> None:
+    # distances 1, 1, 1, 1.5 -> median 1: node 4 is far by 0.5; its cosine is -0.5
+    rep = Reputation(ReputationConfig(weight_far=0.4, weight_opposed=0.6))
+    obs = [
+        NodeDiagnostics(1, i, "accepted", distance_to_aggregate=1.0, cosine_to_aggregate=0.5)
+        for i in range(3)
+    ]
+    obs.append(
+        NodeDiagnostics(1, 4, "accepted", distance_to_aggregate=1.5, cosine_to_aggregate=-0.5)
+    )
+    e = rep.evidence(obs)
+    assert e[0] == 0.0
+    assert e[4] == pytest.approx((0.4 * 0.5 + 0.6 * 0.5) / (0.4 + 0.6))
+
+
+def test_the_opposed_weight_is_checked_with_its_key() -> None:
+    with pytest.raises(ValueError, match="reputation-weight-opposed"):
+        ReputationConfig(weight_opposed=1.5)
+    with pytest.raises(ConfigError, match="reputation-weight-opposed"):
+        RunConfig.from_flat({"reputation-weight-opposed": -0.1})
+
+
 def test_score_is_an_exponential_moving_average_of_evidence() -> None:
     decay = 0.6
     rep = Reputation(ReputationConfig(decay=decay))
