@@ -785,6 +785,16 @@ def make_parser() -> argparse.ArgumentParser:
     _add_run_flags(sim)
     sim.set_defaults(func=cmd_simulate)
 
+    node = sub.add_parser(
+        "supernode",
+        help="run a SuperNode whose ClientApp tasks fork from a warm process",
+        description="See `bastion supernode --help` (dispatched by bastion.entry before "
+        "this parser, so that the long-lived supervisor imports the standard library only).",
+        add_help=False,
+    )
+    node.add_argument("rest", nargs=argparse.REMAINDER)
+    node.set_defaults(func=lambda args: _supernode(args.rest))
+
     presets = sub.add_parser(
         "defences",
         help="list the named defences (--defence) with their keys and evidence",
@@ -817,6 +827,12 @@ def make_parser() -> argparse.ArgumentParser:
     )
     grid.set_defaults(func=cmd_grid)
     return parser
+
+
+def _supernode(rest: Sequence[str]) -> int:
+    from bastion.supernode import main as supernode_main
+
+    return supernode_main(rest)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO
 
 from bastion import security
+from bastion.supernode import LAUNCHERS
 from common.config import format_overrides
 
 log = logging.getLogger(__name__)
@@ -185,8 +186,18 @@ class LocalFederation:
     insecure: bool = False
     extra_sans: Sequence[str] = ()
     security_dir: Path | None = None
+    #: "warm": ``bastion supernode`` (tasks fork from a warm SuperExec, idle polls
+    #: capped); "flower": plain ``flower-supernode`` (one new process per message)
+    launcher: str = "warm"
+    #: a ClientApp task killed after this many seconds (warm launcher; None: no limit)
+    task_timeout: float | None = None
 
     def __post_init__(self) -> None:
+        if self.launcher not in LAUNCHERS:
+            raise ValueError(
+                f"option 'launcher': value {self.launcher!r} is not allowed; allowed: "
+                f"one of {', '.join(LAUNCHERS)}"
+            )
         self.log_dir = Path(self.log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.flwr_home = Path(tempfile.mkdtemp(prefix="bastion-flwr-home-"))
@@ -318,7 +329,7 @@ class LocalFederation:
             node_cfg = {"partition-id": pid, "num-partitions": self.num_supernodes}
             node_cfg |= dict(self.node_config.get(pid, {}))
             self.supernode_args[pid] = [
-                flower_bin("flower-supernode"),
+                *self._supernode_command(),
                 *self._supernode_security_args(pid),
                 "--superlink",
                 f"{self.host}:{self.fleet_port}",
@@ -327,6 +338,13 @@ class LocalFederation:
                 format_overrides(node_cfg),
             ]
             self._start(f"supernode-{pid}", self.supernode_args[pid])
+
+    def _supernode_command(self) -> list[str]:
+        """The program part of a SuperNode's command line; its flags follow."""
+        if self.launcher == "flower":
+            return [flower_bin("flower-supernode")]
+        timeout = [] if self.task_timeout is None else ["--task-timeout", f"{self.task_timeout:g}"]
+        return [sys.executable, "-m", "bastion.supernode", *timeout, "--"]
 
     def register_keys(self, pids: Sequence[int]) -> dict[int, int]:
         """Register the public keys of SuperNodes ``pids`` with the running SuperLink

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from task.cache import cache_dir, cached_arrays
+from task.cache import cache_dir, cached_arrays, take_rows
 
 if TYPE_CHECKING:
     import tarfile
@@ -125,7 +125,8 @@ class ArrayDataset:
                 f"subset() takes a 1-D sequence of integer indices, got dtype {idx.dtype} "
                 f"and shape {idx.shape}"
             )
-        return ArrayDataset(self.x[idx], self.y[idx])
+        # rows of a mapped cache file are read, not faulted in (task.cache.take_rows)
+        return ArrayDataset(take_rows(self.x, idx), take_rows(self.y, idx))
 
 
 @dataclass(frozen=True)

@@ -234,3 +234,64 @@ def test_readers_never_see_a_partial_file_while_it_is_rewritten() -> None:
         assert p.exitcode == 0
     assert all(status == "ok" for status, _ in results), results
     assert sum(n for _, n in results) > 0
+
+
+def test_a_hit_is_a_read_only_memory_map_of_the_cache_file() -> None:
+    compute = Counter()
+    cached_arrays("ns", {"k": "map"}, compute)
+    hit = cached_arrays("ns", {"k": "map"}, compute)
+    assert compute.calls == 1
+    assert_same_arrays(hit, compute.arrays)
+    for value in hit.values():
+        assert isinstance(value, np.memmap)
+        assert Path(value.filename) == cache_path("ns", {"k": "map"})
+        assert not value.flags.writeable
+
+
+def test_an_empty_array_round_trips() -> None:
+    empty = {"x": np.zeros((0, 4), dtype=np.float32)}
+    cached_arrays("ns", {"k": "empty"}, lambda: empty)
+    hit = cached_arrays("ns", {"k": "empty"}, lambda: empty)
+    assert hit["x"].shape == (0, 4) and hit["x"].dtype == np.float32
+
+
+def _mapped_images() -> tuple[np.ndarray, np.ndarray]:
+    """A (20, 1, 3, 2) float32 array as the cache maps it, and the same array in memory."""
+    x = np.arange(20 * 6, dtype=np.float32).reshape(20, 1, 3, 2)
+    cached_arrays("ns", {"k": "rows"}, lambda: {"x": x})
+    return cached_arrays("ns", {"k": "rows"}, lambda: {"x": x})["x"], x
+
+
+@pytest.mark.parametrize(
+    "indices",
+    [
+        [7, 2, 19, 0],  # unsorted
+        [3, 3, 5, 3],  # repeated
+        [-1, -20, 4],  # negative
+        list(range(5, 12)),  # one contiguous run: one read
+        [0, 1, 2, 10, 11, 19],  # runs and singles
+        [13],
+        [],
+    ],
+)
+def test_take_rows_equals_fancy_indexing(indices: list[int]) -> None:
+    mapped, x = _mapped_images()
+    got = cache.take_rows(mapped, np.array(indices, dtype=np.int64))
+    want = x[np.array(indices, dtype=np.intp)]
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    assert not isinstance(got, np.memmap) and got.flags.writeable
+
+
+def test_take_rows_of_a_view_or_a_plain_array_indexes_it() -> None:
+    mapped, x = _mapped_images()
+    idx = np.array([4, 0, 2])
+    # a view's .offset is its parent's: it must be indexed, not read from the file
+    np.testing.assert_array_equal(cache.take_rows(mapped[5:15], idx), x[5:15][idx])
+    np.testing.assert_array_equal(cache.take_rows(x, idx), x[idx])
+
+
+def test_take_rows_refuses_an_index_out_of_range() -> None:
+    mapped, _ = _mapped_images()
+    with pytest.raises(IndexError, match="out of range"):
+        cache.take_rows(mapped, np.array([3, 20]))
