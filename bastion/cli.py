@@ -41,6 +41,7 @@ from bastion.simulation import (
     ray_available,
     run_simulation,
 )
+from bastion.supernode import LAUNCHERS
 from client.state import STATE_DIR_ENV
 from common.batch import load_batch
 from common.config import ConfigError, RunConfig, format_overrides, parse_overrides
@@ -250,7 +251,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         )
     attempt_started = time.time() - 1.0  # summary.json written at or after this is ours
     printer = RoundPrinter(run_dir, cfg.num_server_rounds)
-    fed = LocalFederation(args.clients, run_dir / "logs", torch_threads=threads, insecure=insecure)
+    fed = LocalFederation(
+        args.clients,
+        run_dir / "logs",
+        torch_threads=threads,
+        insecure=insecure,
+        launcher=args.launcher,
+        # a task still running when the server stops waiting for its round is killed
+        task_timeout=cfg.round_timeout,
+    )
     failure: RunFailed | None = None
     try:
         try:
@@ -747,6 +756,14 @@ def make_parser() -> argparse.ArgumentParser:
         "--insecure",
         action="store_true",
         help="turn off TLS and SuperNode authentication (on by default; see docs/SECURITY.md)",
+    )
+    run.add_argument(
+        "--launcher",
+        choices=LAUNCHERS,
+        default="warm",
+        help="how SuperNodes start ClientApp tasks: warm (default: forked from a process "
+        "with torch and Flower loaded, see `bastion supernode`) or flower (Flower's "
+        "stock new process per message)",
     )
     _add_run_flags(run)
     run.set_defaults(func=cmd_run)

@@ -65,6 +65,7 @@ from bastion import security
 from bastion.console import final_table, plural
 from bastion.federation import superexec_poll_seconds
 from bastion.preflight import app_defaults, check_rule_fits
+from bastion.supernode import LAUNCHERS
 from common.config import (
     ConfigError,
     NodeConfig,
@@ -467,14 +468,26 @@ def superlink_command(tls: bool) -> list[str]:
 
 
 def supernode_command(
-    superlink: str, tls: bool, cfg: Mapping[str, Any], key: Path | None = None
+    superlink: str,
+    tls: bool,
+    cfg: Mapping[str, Any],
+    key: Path | None = None,
+    launcher: str = "warm",
 ) -> list[str]:
-    """``flower-supernode`` reaching ``superlink`` (host:port) with node config ``cfg``.
+    """A SuperNode reaching ``superlink`` (host:port) with node config ``cfg``: with
+    ``launcher="warm"`` ``bastion supernode -- FLAGS`` (ClientApp tasks fork from a warm
+    process, :mod:`bastion.supernode`), with ``"flower"`` plain ``flower-supernode FLAGS``.
 
     ``tls``: trust the setup service's CA and sign with the private ``key`` (this
     partition's identity); otherwise ``--insecure``.
     """
-    cmd = ["flower-supernode", "--superlink", superlink]
+    if launcher not in LAUNCHERS:
+        raise ConfigError(
+            f"BASTION_LAUNCHER: value {launcher!r} is not allowed; allowed: one of "
+            f"{', '.join(LAUNCHERS)}"
+        )
+    program = ["flower-supernode"] if launcher == "flower" else ["bastion", "supernode", "--"]
+    cmd = [*program, "--superlink", superlink]
     if tls:
         cmd += ["--root-certificates", str(TRUST_DIR / "ca.crt")]
         if key is not None:
@@ -547,7 +560,8 @@ def cmd_supernode(role: str, env: Mapping[str, str]) -> int:
         f"({role} partitions: {list(candidates)})",
         flush=True,
     )
-    return _exec(supernode_command(superlink, tls, cfg, key), out)
+    launcher = env.get("BASTION_LAUNCHER", "").strip() or "warm"
+    return _exec(supernode_command(superlink, tls, cfg, key, launcher), out)
 
 
 def probe(addresses: Sequence[str], timeout: float = 2.0) -> list[str]:

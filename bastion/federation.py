@@ -399,6 +399,14 @@ class LocalFederation:
                 found.append(pid)
         return sorted(found)
 
+    def clientapp_pids(self) -> list[int]:
+        """PIDs of this federation's running ClientApp tasks: Flower's ``flwr-clientapp``
+        processes (``launcher="flower"``) and the children forked by warm SuperExecs."""
+        tagged = processes_with_env(FEDERATION_TAG_VAR, self.tag)
+        warm = {pid for pid in tagged if _is_module_process(pid, "bastion.warm_exec")}
+        forked = [pid for pid in tagged if _parent_pid(pid) in warm]
+        return sorted(set(self.pids_of("flwr-clientapp")) | set(forked))
+
     def serverapp_pids(self) -> list[int]:
         """PIDs of the running ServerApp processes (one per run in progress)."""
         return self.pids_of("flwr-serverapp")
@@ -498,6 +506,24 @@ class LocalFederation:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _parent_pid(pid: int) -> int | None:
+    """The parent of process ``pid`` (Linux ``/proc``), or ``None`` once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def _is_module_process(pid: int, module: str) -> bool:
+    """Whether process ``pid`` runs ``python -m module``."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return module.encode() in argv[1:4] and b"-m" in argv[1:3]
 
 
 def _process_group(pid: int) -> int | None:

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -72,9 +73,19 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def tensor_dataset(data: ArrayDataset) -> TensorDataset:
+    """``data`` as tensors sharing its memory; a read-only array (a memory-mapped cache
+    file, :mod:`task.cache`) is copied first, since torch tensors are writable."""
+
+    def tensor(array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(array if array.flags.writeable else np.array(array))
+
+    return TensorDataset(tensor(data.x), tensor(data.y))
+
+
 def make_loader(data: ArrayDataset, batch_size: int, *, shuffle: bool, seed: int = 0) -> DataLoader:
     """A DataLoader over an :class:`ArrayDataset` (seeded shuffling, no worker processes)."""
-    tensors = TensorDataset(torch.from_numpy(data.x), torch.from_numpy(data.y))
+    tensors = tensor_dataset(data)
     generator = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(
         tensors, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=False
@@ -266,7 +277,7 @@ def train_local_dp(
         from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
         criterion = DPLossFastGradientClipping(gsm, optimizer, loss_fn, "mean")
-    tensors = TensorDataset(torch.from_numpy(data.x), torch.from_numpy(data.y))
+    tensors = tensor_dataset(data)
     loader = DPDataLoader(tensors, sample_rate=rate, generator=torch.Generator().manual_seed(seed))
     params = [p for p in model.parameters() if p.requires_grad]
     start = time.perf_counter()

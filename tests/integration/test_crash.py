@@ -114,7 +114,7 @@ def test_killed_serverapp_resumes_from_its_last_checkpoint(federation, tmp_path)
     row_k = _rows(out / "metrics.jsonl")[k]["time"]
     _wait_for(
         f"round {k + 1} in flight",
-        lambda: any(_started_after(p, row_k) for p in fed.pids_of("flwr-clientapp")),
+        lambda: any(_started_after(p, row_k) for p in fed.clientapp_pids()),
         fed,
         timeout=120,
     )
@@ -217,12 +217,12 @@ def test_killed_supernode_is_named_skipped_and_rejoins_with_its_momentum(
 
     def victim_training() -> bool:  # its round-2 ClientApp is running
         group = set(fed.supernode_group(victim))
-        return any(_started_after(p, row_1) for p in set(fed.pids_of("flwr-clientapp")) & group)
+        return any(_started_after(p, row_1) for p in set(fed.clientapp_pids()) & group)
 
     _wait_for("round 2 in flight on the victim", victim_training, fed, timeout=120)
     killed = fed.kill_supernode(victim)
     killed_at = time.time()
-    assert len(killed) >= 3  # the SuperNode, its SuperExec and the ClientApp
+    assert len(killed) >= 3  # the SuperNode, its SuperExec and the ClientApp (+ supervisor)
 
     def unavailable() -> bool:
         return any(

@@ -143,16 +143,18 @@ def test_commands_parse_with_the_installed_flower() -> None:
     plain = _parse_args_run_superlink().parse_args(c.superlink_command(tls=False)[1:])
     assert plain.insecure and not plain.enable_supernode_auth
     cfg = c.node_config(c.Layout(3, 1), "honest", 2, {})
-    node = _parse_args_run_supernode().parse_args(
-        c.supernode_command("superlink:9092", True, cfg, c.node_key_file(2))[1:]
-    )
+    warm = c.supernode_command("superlink:9092", True, cfg, c.node_key_file(2))
+    assert warm[:3] == ["bastion", "supernode", "--"]  # the warm launcher by default
+    node = _parse_args_run_supernode().parse_args(warm[3:])
     assert node.root_certificates.endswith("ca.crt") and not node.insecure
     assert node.auth_supernode_private_key == str(c.NODE_KEYS_DIR / "node-2.key")
     assert parse_overrides(node.node_config) == cfg
-    node = _parse_args_run_supernode().parse_args(
-        c.supernode_command("superlink:9092", False, cfg, c.node_key_file(2))[1:]
-    )
+    plain = c.supernode_command("superlink:9092", False, cfg, c.node_key_file(2), "flower")
+    assert plain[0] == "flower-supernode"
+    node = _parse_args_run_supernode().parse_args(plain[1:])
     assert node.insecure and node.auth_supernode_private_key is None
+    with pytest.raises(ConfigError, match="BASTION_LAUNCHER: value 'cold'"):
+        c.supernode_command("superlink:9092", False, cfg, None, "cold")
 
 
 def test_insecure_switch() -> None:

@@ -1,0 +1,1 @@
+"""A probe Flower App (Bastion's launcher tests)."""
