@@ -458,7 +458,7 @@ def keys_report(files: Any) -> str:
     lines += [f"   flwr supernode register {p} bastion" for p in pubs]
     lines += [
         "4. Each SuperNode (copy supernode/ca.crt and its own node-<i>.key to it):",
-        f"   flower-supernode --superlink {server}:9092 --root-certificates ca.crt "
+        f"   bastion supernode -- --superlink {server}:9092 --root-certificates ca.crt "
         "--auth-supernode-private-key node-<i>.key \\",
         '     --node-config "partition-id=<i> num-partitions=<N>"',
         "Revoke a node: flwr supernode unregister <node-id> bastion (see docs/SECURITY.md)",

@@ -12,6 +12,9 @@ two differences:
   process supervises both: it restarts the warm SuperExec if it dies (tasks it had
   running fail with Flower's "ClientApp stopped responding"; the next task is
   served), and exits with the SuperNode's exit status when the SuperNode exits.
+* **Tasks start when they arrive.** The SuperNode writes a byte to a pipe whenever a
+  message becomes a task; the warm SuperExec, which Flower would have poll every
+  ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` (1 s by default), wakes on it.
 * **Shorter idle polling** (``--idle-poll``, default 0.25 s). Flower 1.39's SuperNode
   sleeps 3 s whenever the SuperLink has no message for it and 0.5 s between checks
   for a finished reply (``flwr/supernode/start_client_internal.py``): up to 3.5 s on
@@ -62,14 +65,28 @@ class _CappedSleep:
         return getattr(time, name)
 
 
-def run_node(flower_args: Sequence[str], idle_poll: float) -> None:
-    """Run Flower's ``flower-supernode`` in this process with its sleeps capped."""
+def run_node(flower_args: Sequence[str], idle_poll: float, notify_fd: int | None = None) -> None:
+    """Run Flower's ``flower-supernode`` in this process with its sleeps capped; with
+    ``notify_fd``, write a byte to it whenever a message becomes a task, so that the
+    warm SuperExec starts it at once instead of at its next poll."""
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     # Flower 1.39 hard-codes the 3 s idle sleep (module docstring); tests/unit/
-    # test_supernode.py checks that the module still calls time.sleep through `time`.
+    # test_warm_exec.py checks that the module still calls time.sleep through `time`.
     start_client_internal.time = _CappedSleep(idle_poll)  # type: ignore[assignment]
+    if notify_fd is not None:
+        os.set_blocking(notify_fd, False)
+        pull = start_client_internal._pull_and_store_message
+
+        def pull_and_notify(*args: object, **kwargs: object) -> int | None:
+            run_id = pull(*args, **kwargs)  # type: ignore[arg-type]
+            if run_id is not None:
+                with contextlib.suppress(OSError):  # full or closed: the poll still runs
+                    os.write(notify_fd, b"!")
+            return run_id
+
+        start_client_internal._pull_and_store_message = pull_and_notify  # type: ignore[assignment]
     sys.argv = ["flower-supernode", *flower_args]
     flower_supernode()
 
@@ -86,7 +103,9 @@ def _runtime_view(flower_args: Sequence[str]) -> argparse.Namespace:
     return known
 
 
-def warm_exec_args(flower_args: Sequence[str], task_timeout: float | None) -> list[str]:
+def warm_exec_args(
+    flower_args: Sequence[str], task_timeout: float | None, wake_fd: int | None = None
+) -> list[str]:
     """The command line of the warm SuperExec for a SuperNode started with ``flower_args``.
 
     Mirrors what Flower's SuperNode passes its own SuperExec: the Runtime API address
@@ -110,6 +129,8 @@ def warm_exec_args(flower_args: Sequence[str], task_timeout: float | None) -> li
     args += ["--parent-pid", str(os.getpid())]
     if task_timeout:
         args += ["--task-timeout", str(task_timeout)]
+    if wake_fd is not None:
+        args += ["--wake-fd", str(wake_fd)]
     return args
 
 
@@ -132,7 +153,9 @@ class Supervisor:
                 "'--launcher warm' (it runs its own SuperExec and sets --isolation "
                 "process); use '--launcher flower' to run your own SuperExec"
             )
-        args = [a for a in flower_args]
+        # The SuperNode writes a byte here per new task; the warm SuperExec wakes on it
+        # (both ends stay open in this process, so a restarted SuperExec reuses them).
+        self.wake_read, self.wake_write = os.pipe()
         self.node_cmd = [
             sys.executable,
             "-m",
@@ -140,12 +163,14 @@ class Supervisor:
             "node",
             "--idle-poll",
             str(idle_poll),
+            "--notify-fd",
+            str(self.wake_write),
             "--",
-            *args,
+            *flower_args,
             "--isolation",
             "process",
         ]
-        self.exec_cmd = warm_exec_args(flower_args, task_timeout)
+        self.exec_cmd = warm_exec_args(flower_args, task_timeout, self.wake_read)
         self.restart_backoff = restart_backoff
         self.max_backoff = max_backoff
         self.stopping = False
@@ -176,8 +201,8 @@ class Supervisor:
         return the SuperNode's exit status."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-        self.node = subprocess.Popen(self.node_cmd)
-        self.exec = subprocess.Popen(self.exec_cmd)
+        self.node = subprocess.Popen(self.node_cmd, pass_fds=(self.wake_write,))
+        self.exec = subprocess.Popen(self.exec_cmd, pass_fds=(self.wake_read,))
         backoff, started = self.restart_backoff, time.monotonic()
         try:
             while not self.stopping:
@@ -196,7 +221,7 @@ class Supervisor:
                     self._sleep(backoff)
                     if self.stopping:
                         break
-                    self.exec = subprocess.Popen(self.exec_cmd)
+                    self.exec = subprocess.Popen(self.exec_cmd, pass_fds=(self.wake_read,))
                     self.restarts += 1
                     started = time.monotonic()
                     backoff = min(self.max_backoff, backoff * 2)
@@ -288,12 +313,13 @@ def _node_main(argv: Sequence[str]) -> None:
     """``python -m bastion.supernode node --idle-poll S -- FLAGS``: the SuperNode itself."""
     parser = argparse.ArgumentParser(prog="python -m bastion.supernode node")
     parser.add_argument("--idle-poll", type=float, required=True)
+    parser.add_argument("--notify-fd", type=int, default=None)
     parser.add_argument("flower_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     flower_args = list(args.flower_args)
     if flower_args[:1] == ["--"]:
         flower_args = flower_args[1:]
-    run_node(flower_args, args.idle_poll)
+    run_node(flower_args, args.idle_poll, args.notify_fd)
 
 
 if __name__ == "__main__":

@@ -224,7 +224,28 @@ def test_the_flower_hooks_this_relies_on_are_still_there() -> None:
     assert start_client_internal.time is time_module
     assert "time.sleep(3)" in inspect.getsource(start_client_internal.start_client_internal)
     assert "pull_task_input(client)" in inspect.getsource(run_clientapp.run_clientapp)
+    assert run_superexec.time is time_module
+    assert "time.sleep(task_poll_interval)" in inspect.getsource(run_superexec.run_superexec)
+    loop = inspect.getsource(start_client_internal.start_client_internal)
+    assert "run_id = _pull_and_store_message(" in loop
     assert callable(run_clientapp.push_message) and callable(run_clientapp.push_task_output)
+
+
+def test_the_superexec_sleep_ends_when_the_supernode_writes_to_the_pipe() -> None:
+    read_fd, write_fd = os.pipe()
+    try:
+        sleeper = warm_exec._WakeableSleep(read_fd)
+        os.write(write_fd, b"!!!")
+        started = time.monotonic()
+        sleeper.sleep(30)
+        assert time.monotonic() - started < 5
+        # the bytes were drained: the next sleep lasts its time
+        started = time.monotonic()
+        sleeper.sleep(0.2)
+        assert time.monotonic() - started >= 0.15
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
 
 
 # --------------------------------------------------------------------- the supervisor
@@ -256,6 +277,19 @@ def test_warm_exec_reaches_the_supernodes_runtime_api(
     assert args[args.index("--runtime-api-address") + 1] == address
     assert all(t in args for t in tls)
     assert args[args.index("--parent-pid") + 1] == str(os.getpid())
+
+
+def test_the_supernode_and_the_superexec_share_the_wake_pipe() -> None:
+    sup = supernode.Supervisor(
+        ["--superlink", "x:1", "--port", "7000"], idle_poll=0.2, task_timeout=5
+    )
+    node_fd = int(sup.node_cmd[sup.node_cmd.index("--notify-fd") + 1])
+    exec_fd = int(sup.exec_cmd[sup.exec_cmd.index("--wake-fd") + 1])
+    os.write(node_fd, b"!")
+    assert os.read(exec_fd, 1) == b"!"
+    assert sup.node_cmd[-2:] == ["--isolation", "process"]
+    assert sup.exec_cmd[sup.exec_cmd.index("--task-timeout") + 1] == "5"
+    assert sup.exec_cmd[sup.exec_cmd.index("--runtime-api-address") + 1] == "127.0.0.1:7000"
 
 
 def test_the_supervisor_refuses_process_isolation_with_the_warm_launcher() -> None:
