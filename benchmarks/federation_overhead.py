@@ -20,6 +20,10 @@ variant, in one invocation, and prints one table:
                     pages divided among the processes sharing them) and USS (its
                     private pages: what it costs on top of the rest).
 
+A second table gives the SuperLink's CPU (cores busy, during the rounds) and peak
+RSS, the SuperNode daemons' CPU, and how many processes of the run were still alive
+a second after ``bastion run`` exited (should be 0).
+
 Variants:
 
 * ``warm``           - ``bastion run`` defaults: ``bastion supernode`` forks each task
@@ -119,6 +123,8 @@ class Sampler(threading.Thread):
             return "task"  # a child forked by a warm SuperExec (same command line)
         if "flwr-clientapp" in names:
             return "task"
+        if "flower-superlink" in names:
+            return "superlink"
         if any(m in argv[1:4] for m in self.NODE_MODULES):
             return "node"
         if any(p in names for p in self.NODE_PROGRAMS):
@@ -151,6 +157,10 @@ class Sampler(threading.Thread):
                 self.procs[key] = proc
             cpu = (int(fields[11]) + int(fields[12])) / TICK
             proc.samples.append((now, cpu))
+            if proc.role == "superlink":
+                status = _read(f"/proc/{pid}/status") or ""
+                hwm = [int(x.split()[1]) for x in status.splitlines() if x.startswith("VmHWM:")]
+                proc.rss = max([proc.rss, *(kb / 1024 for kb in hwm)])
             if proc.role == "task":
                 rollup = _read(f"/proc/{pid}/smaps_rollup") or ""
                 kb = {
@@ -189,6 +199,12 @@ def run_once(variant: str, clients: int, rounds: int, extra: list[str], workdir:
     end = time.time()
     sampler.stop_event.set()
     sampler.join()
+    time.sleep(1.0)
+    before = set(sampler.procs)
+    sampler.sample()  # anything of the run still alive after bastion run exited?
+    leftovers = [
+        p.pid for k, p in sampler.procs.items() if k not in before or p.samples[-1][0] > end
+    ]
     if proc.returncode != 0:
         raise SystemExit(
             f"{variant}: bastion run failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
@@ -232,6 +248,11 @@ def run_once(variant: str, clients: int, rounds: int, extra: list[str], workdir:
         "uss": statistics.mean(p.uss for p in sampled) if sampled else float("nan"),
         "shutdown": end - t1,
         "accuracy": summary["final_accuracy"],
+        "superlink_cores": sum(_cpu_between(p, t0, t1) for p in procs if p.role == "superlink")
+        / max(t1 - t0, 1e-9),
+        "superlink_rss": max((p.rss for p in procs if p.role == "superlink"), default=0.0),
+        "node_cores": daemons / max(t1 - t0, 1e-9),
+        "leftovers": len(leftovers),
     }
 
 
@@ -277,6 +298,16 @@ def main() -> None:
             f"{r['overhead']:.2f} | {r['train']:.3f} | {r['cpu_per_msg']:.2f} | {r['messages']} | "
             f"{r['rss']:.0f} | {r['pss']:.0f} | {r['uss']:.0f} | {r['shutdown']:.1f} | "
             f"{r['accuracy']:.4f} |"
+        )
+    print(
+        "\n| variant | SuperLink CPU (cores, during rounds) | SuperLink peak RSS MB | "
+        "SuperNode daemons CPU (cores) | processes left after exit |"
+    )
+    print("|---|---|---|---|---|")
+    for r in results:
+        print(
+            f"| {r['variant']} | {r['superlink_cores']:.2f} | {r['superlink_rss']:.0f} | "
+            f"{r['node_cores']:.2f} | {r['leftovers']} |"
         )
     if len(results) > 1:
         base = results[0]

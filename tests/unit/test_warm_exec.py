@@ -11,6 +11,7 @@ import json
 import os
 import random
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -200,6 +201,21 @@ def test_bad_timeout_and_app_preloads_are_refused_with_the_option() -> None:
         ForkExecutor(0)
     with pytest.raises(ValueError, match=r"'--preload': value 'client\.app'"):
         warm_exec.preload(["json", "client.app"])
+
+
+def test_the_warm_parent_holds_none_of_the_apps_modules() -> None:
+    """What the parent has imported, every task reuses (Flower's loader takes a module
+    from sys.modules): after the default preload, no package of the app is there."""
+    code = (
+        "import sys, bastion.warm_exec as w; w.preload(w.DEFAULT_PRELOAD); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & w.APP_PACKAGES)); "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd="/"
+    ).stdout.split("\n")
+    assert out[0] == "[]"
+    assert out[1] == "True"
 
 
 def test_describe_exit() -> None:
