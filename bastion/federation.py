@@ -508,13 +508,19 @@ class LocalFederation:
         self.stop()
 
 
-def _parent_pid(pid: int) -> int | None:
-    """The parent of process ``pid`` (Linux ``/proc``), or ``None`` once it is gone."""
+def _stat_field(pid: int, index: int) -> int | None:
+    """Field ``index`` after the command name in ``/proc/PID/stat`` (0: state, 1: parent
+    pid, 2: process group), or ``None`` once the process is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[1])
+    return int(stat.rsplit(")", 1)[1].split()[index])
+
+
+def _parent_pid(pid: int) -> int | None:
+    """The parent of process ``pid`` (Linux ``/proc``), or ``None`` once it is gone."""
+    return _stat_field(pid, 1)
 
 
 def _is_module_process(pid: int, module: str) -> bool:
@@ -528,11 +534,7 @@ def _is_module_process(pid: int, module: str) -> bool:
 
 def _process_group(pid: int) -> int | None:
     """The process-group id of ``pid`` (Linux /proc), or None when it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[1].split()[2])
+    return _stat_field(pid, 2)
 
 
 def tagged_groups(name: str, value: str) -> set[int]:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,23 @@ def bastion_exe() -> list[str]:
     found = str(exe) if exe.exists() else shutil.which("bastion")
     assert found, "the bastion console script is not installed"
     return [found]
+
+
+@contextlib.contextmanager
+def running_federation(
+    log_dir: Path, num_nodes: int, env: dict[str, str] | None = None, **kwargs: Any
+) -> Iterator[LocalFederation]:
+    """A started :class:`LocalFederation` under a fresh test tag; on exit every process
+    is stopped, and none of them may be left running."""
+    tag = uuid.uuid4().hex
+    fed = LocalFederation(
+        num_nodes, log_dir, env={"BASTION_TEST_TAG": tag, **(env or {})}, **kwargs
+    )
+    with fed:
+        fed.start()
+        yield fed
+    left = tagged_processes(tag)
+    assert left == [], describe_processes(left)
 
 
 def tagged_processes(tag: str) -> list[int]:

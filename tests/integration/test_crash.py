@@ -19,7 +19,6 @@ import json
 import os
 import signal
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import pytest
 import torch
 
 from bastion.federation import LocalFederation
-from tests.integration.conftest import ROOT, tagged_processes
+from tests.integration.conftest import ROOT, running_federation
 
 pytestmark = pytest.mark.integration
 
@@ -38,21 +37,12 @@ NUM_NODES = 3
 def federation(tmp_path_factory) -> Iterator[LocalFederation]:
     """A running secure federation of three SuperNodes; every process is gone after."""
     base = tmp_path_factory.mktemp("crash")
-    tag = uuid.uuid4().hex
-    fed = LocalFederation(
-        NUM_NODES,
-        base / "logs",
-        torch_threads=1,
-        env={
-            "BASTION_TEST_TAG": tag,
-            "BASTION_CACHE_DIR": str(base / "cache"),
-            "BASTION_STATE_DIR": str(base / "state"),  # the nodes' client momentum
-        },
-    )
-    with fed:
-        fed.start()
+    env = {
+        "BASTION_CACHE_DIR": str(base / "cache"),
+        "BASTION_STATE_DIR": str(base / "state"),  # the nodes' client momentum
+    }
+    with running_federation(base / "logs", NUM_NODES, env=env, torch_threads=1) as fed:
         yield fed
-    assert tagged_processes(tag) == []
 
 
 def _rows(path: Path) -> list[dict]:

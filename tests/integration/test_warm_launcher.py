@@ -22,14 +22,13 @@ import os
 import shutil
 import signal
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from bastion.federation import LocalFederation
-from tests.integration.conftest import tagged_processes
+from tests.integration.conftest import running_federation
 
 pytestmark = pytest.mark.integration
 
@@ -40,18 +39,9 @@ TASK_TIMEOUT = 8.0
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory) -> Iterator[LocalFederation]:
     base = tmp_path_factory.mktemp("warm")
-    tag = uuid.uuid4().hex
-    fed = LocalFederation(
-        2,
-        base / "logs",
-        insecure=True,  # this test is about processes; test_security covers TLS and keys
-        task_timeout=TASK_TIMEOUT,
-        env={"BASTION_TEST_TAG": tag},
-    )
-    with fed:
-        fed.start()
+    # insecure: this test is about processes; test_security covers TLS and node keys
+    with running_federation(base / "logs", 2, insecure=True, task_timeout=TASK_TIMEOUT) as fed:
         yield fed
-    assert tagged_processes(tag) == []
 
 
 def _probe(fed: LocalFederation, app: Path, out: Path, rounds: int, **cfg: object) -> list[dict]:
