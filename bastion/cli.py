@@ -761,9 +761,9 @@ def make_parser() -> argparse.ArgumentParser:
         "--launcher",
         choices=LAUNCHERS,
         default="warm",
-        help="how SuperNodes start ClientApp tasks: warm (default: forked from a process "
-        "with torch and Flower loaded, see `bastion supernode`) or flower (Flower's "
-        "stock new process per message)",
+        help="how SuperNodes start ClientApp tasks (default warm): warm forks each task "
+        "from a process with torch and Flower loaded (see `bastion supernode`); flower "
+        "starts Flower's new process per message",
     )
     _add_run_flags(run)
     run.set_defaults(func=cmd_run)
