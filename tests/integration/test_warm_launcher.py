@@ -135,3 +135,13 @@ def test_a_dead_warm_parent_is_restarted_and_serves_the_next_run(
     rows = _probe(fed, PROBE, tmp_path / "after.jsonl", rounds=1)
     node0 = [r for r in rows if r.get("partition") == 0]
     assert node0 and node0[0]["ppid"] == parents[0]
+
+
+def test_the_plain_flower_launcher_still_runs_a_new_process_per_task(tmp_path: Path) -> None:
+    """``launcher="flower"`` (``bastion run --launcher flower``, ``BASTION_LAUNCHER=flower``)
+    is Flower's stock path: each task is a fresh ``flwr-clientapp`` process started by
+    Flower's SuperExec, with no torch loaded before the app."""
+    with running_federation(tmp_path / "logs", 2, insecure=True, launcher="flower") as fed:
+        rows = _probe(fed, PROBE, tmp_path / "plain.jsonl", rounds=1)
+    assert all("error" not in r for r in rows), rows
+    assert not any(r["torch_preloaded"] for r in rows)

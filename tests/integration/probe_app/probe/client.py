@@ -28,10 +28,6 @@ def probe(msg: Message, context: Context) -> Message:
             os.kill(os.getpid(), signal.SIGKILL)
         if partition == cfg["hang-partition"]:
             time.sleep(3600)
-    started = time.perf_counter()
-    import torch  # noqa: F401 - what a real task imports; its cost is the point
-
-    import_s = time.perf_counter() - started
     facts = ConfigRecord(
         {
             "tag": TAG,
@@ -39,7 +35,6 @@ def probe(msg: Message, context: Context) -> Message:
             "pid": os.getpid(),
             "ppid": os.getppid(),
             "torch_preloaded": TORCH_PRELOADED,
-            "torch_import_s": import_s,
         }
     )
     return Message(RecordDict({"probe": facts}), reply_to=msg)
