@@ -260,7 +260,7 @@ def build_parser(prog: str = "bastion supernode") -> argparse.ArgumentParser:
     parser.add_argument(
         "--idle-poll",
         type=_positive_seconds("--idle-poll"),
-        default=DEFAULT_IDLE_POLL,
+        default=os.environ.get("BASTION_IDLE_POLL", DEFAULT_IDLE_POLL),
         help=f"cap on the SuperNode's idle sleeps in seconds (Flower's: 3; default "
         f"{DEFAULT_IDLE_POLL})",
     )

@@ -118,6 +118,7 @@ def _reset_after_fork() -> None:
     telemetry.state_lock = threading.Lock()
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
+    signal.set_wakeup_fd(-1)  # the parent's SIGCHLD pipe
     random.seed()
     if "numpy" in sys.modules:
         import numpy as np
@@ -436,19 +437,21 @@ class ForkExecutor:
 
 # ------------------------------------------------------------------------------- entry
 class _WakeableSleep:
-    """The ``time`` module, with ``sleep`` ending early when ``fd`` becomes readable
-    (the SuperNode's "new task" pipe, :mod:`bastion.supernode`); what was written is
-    drained, so one wake-up serves any number of bytes."""
+    """The ``time`` module, with ``sleep`` ending early when one of ``fds`` becomes
+    readable: the SuperNode's "new task" pipe (:mod:`bastion.supernode`) and this
+    process's SIGCHLD wake-up pipe (a task ended: reap it and answer it now, not at
+    the next poll). What was written is drained, so one wake-up serves many bytes."""
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        os.set_blocking(fd, False)
+    def __init__(self, *fds: int) -> None:
+        self.fds = list(fds)
+        for fd in self.fds:
+            os.set_blocking(fd, False)
 
     def sleep(self, seconds: float) -> None:
-        readable, _, _ = select.select([self.fd], [], [], max(0.0, seconds))
-        if readable:
+        readable, _, _ = select.select(self.fds, [], [], max(0.0, seconds))
+        for fd in readable:
             with contextlib.suppress(BlockingIOError):
-                while os.read(self.fd, 4096):
+                while os.read(fd, 4096):
                     pass
 
     def __getattr__(self, name: str) -> object:
@@ -474,9 +477,15 @@ def run(
     executor = ForkExecutor(task_timeout)
     # Flower 1.39 has no hook for a custom executor (module docstring)
     superexec.get_executor = lambda *args, **kwargs: executor  # type: ignore[assignment]
-    if wake_fd is not None:
-        # the loop's `time.sleep(task_poll_interval)` (tests/unit/test_warm_exec.py)
-        superexec.time = _WakeableSleep(wake_fd)  # type: ignore[assignment]
+    # SIGCHLD writes a byte to a pipe (signal.set_wakeup_fd): the loop wakes when a task
+    # ends. The loop's `time.sleep(task_poll_interval)` (tests/unit/test_warm_exec.py)
+    # then waits on that pipe and on the SuperNode's "new task" pipe.
+    child_read, child_write = os.pipe()
+    os.set_blocking(child_write, False)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    signal.set_wakeup_fd(child_write)
+    fds = [child_read] if wake_fd is None else [child_read, wake_fd]
+    superexec.time = _WakeableSleep(*fds)  # type: ignore[assignment]
     superexec.run_superexec(
         runtime_api_address=runtime_api_address,
         insecure=insecure,
