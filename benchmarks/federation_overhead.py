@@ -10,11 +10,13 @@ variant, in one invocation, and prints one table:
 * ``round s``     - mean wall time of a training round (send to last reply);
 * ``overhead s``  - mean of (round wall time - the slowest client's training time):
                     what messaging and starting ClientApp tasks cost;
-* ``node cpu/msg s`` - CPU seconds the SuperNode side spent per ClientApp message
-                    beyond the client's training: (CPU of the task processes + CPU of
-                    the SuperNodes, SuperExecs and supervisors during the rounds) /
-                    messages - mean training seconds. One-time start-up (imports of
-                    the SuperNode and of the warm parent) is not in it;
+* ``node cpu/msg s`` - CPU seconds the SuperNode side spent per ClientApp message:
+                    (CPU of the task processes + CPU of the SuperNodes, SuperExecs
+                    and supervisors during the rounds) / messages, the client's
+                    training included. Run with ``--run-config local-steps=1`` (one
+                    SGD step, a few ms) it is the cost of a message beyond training.
+                    One-time start-up (the SuperNode's and the warm parent's
+                    imports) is not in it;
 * ``task rss/pss/uss MB`` - a ClientApp task's peak memory, mean over tasks: RSS
                     (every resident page it maps, shared ones included), PSS (shared
                     pages divided among the processes sharing them) and USS (its
@@ -82,7 +84,8 @@ class Proc:
     """What the sampler learnt of one process."""
 
     pid: int
-    role: str  # "task", "node" or "server"
+    role: str  # "task", "node", "superlink" or "server"
+    state: str = "?"  # /proc state letter at the last sample (Z: zombie)
     samples: list[tuple[float, float]] = field(default_factory=list)  # (time, own cpu s)
     rss: float = 0.0
     pss: float = 0.0
@@ -155,6 +158,7 @@ class Sampler(threading.Thread):
                 argv = (_read(f"/proc/{pid}/cmdline") or "").split("\0")
                 proc = Proc(pid, self._role(argv, int(fields[1])))
                 self.procs[key] = proc
+            proc.state = fields[0]
             cpu = (int(fields[11]) + int(fields[12])) / TICK
             proc.samples.append((now, cpu))
             if proc.role == "superlink":
@@ -200,11 +204,9 @@ def run_once(variant: str, clients: int, rounds: int, extra: list[str], workdir:
     sampler.stop_event.set()
     sampler.join()
     time.sleep(1.0)
-    before = set(sampler.procs)
-    sampler.sample()  # anything of the run still alive after bastion run exited?
-    leftovers = [
-        p.pid for k, p in sampler.procs.items() if k not in before or p.samples[-1][0] > end
-    ]
+    after = Sampler(tag)  # a fresh scan: anything of the run still alive (not a zombie)?
+    after.sample()
+    leftovers = [p.pid for p in after.procs.values() if p.state != "Z"]
     if proc.returncode != 0:
         raise SystemExit(
             f"{variant}: bastion run failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
@@ -213,8 +215,6 @@ def run_once(variant: str, clients: int, rounds: int, extra: list[str], workdir:
     summary = json.loads((out / "summary.json").read_text())
     trained = [r for r in rows if r["round"] > 0]
     t0, t1 = rows[0]["time"], rows[-1]["time"]
-    diags = [json.loads(x) for x in (out / "diagnostics.jsonl").read_text().splitlines()]
-    train_s = [d["train_seconds"] for d in diags if d.get("train_seconds") is not None]
 
     procs = list(sampler.procs.values())
     tasks = [p for p in procs if p.role == "task"]
@@ -241,7 +241,7 @@ def run_once(variant: str, clients: int, rounds: int, extra: list[str], workdir:
         "round": statistics.mean(r["round_seconds"] for r in trained),
         "overhead": statistics.mean(r["overhead_seconds"] for r in trained),
         "train": statistics.mean(r["slowest_train_seconds"] for r in trained),
-        "cpu_per_msg": (sum(task_cpu) + daemons) / messages - statistics.mean(train_s),
+        "cpu_per_msg": (sum(task_cpu) + daemons) / messages,
         "messages": len(task_cpu),
         "rss": statistics.mean(task_rss) if task_rss else float("nan"),
         "pss": statistics.mean(p.pss for p in sampled) if sampled else float("nan"),
