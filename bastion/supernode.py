@@ -232,8 +232,8 @@ class Supervisor:
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
-        while not self.stopping and time.monotonic() < deadline:
-            time.sleep(min(0.1, deadline - time.monotonic()))
+        while not self.stopping and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(0.1, left))  # `left` once: a busy host can pass the deadline
 
 
 def build_parser(prog: str = "bastion supernode") -> argparse.ArgumentParser:
