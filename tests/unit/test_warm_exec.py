@@ -327,3 +327,17 @@ def test_the_supervisor_restarts_a_dead_superexec_and_returns_the_nodes_status()
         for s, handler in previous.items():
             signal.signal(s, handler)
     assert sup.restarts >= 2
+
+
+def test_the_supervisors_sleep_survives_a_deadline_passing_between_two_clock_reads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a loaded host (50 SuperNodes on 2 cores) the clock passed the deadline between
+    the loop's check and the sleep's length: a negative sleep killed the supervisor."""
+    sup = supernode.Supervisor(["--superlink", "x:1"], idle_poll=0.2, task_timeout=None)
+    readings = iter([100.0, 100.05, 100.2, 100.3])  # start; check (in time); then late
+    monkeypatch.setattr(supernode.time, "monotonic", lambda: next(readings, 101.0))
+    slept: list[float] = []
+    monkeypatch.setattr(supernode.time, "sleep", lambda s: slept.append(s))
+    sup._sleep(0.1)
+    assert all(s >= 0 for s in slept)
