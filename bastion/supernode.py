@@ -22,7 +22,9 @@ two differences:
   sleeps at ``--idle-poll``; each poll is one small gRPC call to the SuperLink.
 
 ``--launcher flower`` runs plain ``flower-supernode`` with the flags as given, for
-comparison and for hosts where forking is not wanted.
+comparison and for hosts where forking is not wanted. The warm launcher needs
+``os.fork``: Linux (tested) or another POSIX system; macOS forks badly once system
+frameworks are loaded, so use ``--launcher flower`` there.
 
 Process tree (one process group, so that stopping the group stops everything)::
 
