@@ -53,6 +53,7 @@ import sys
 import threading
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +80,9 @@ DEFAULT_PRELOAD: tuple[str, ...] = (
 
 #: Top-level packages of a Bastion app (pyproject's packages): never preloaded.
 APP_PACKAGES = frozenset({"client", "task", "common", "attacks", "server", "strategies"})
+
+#: How many finished tasks :attr:`ForkExecutor.finished` remembers.
+FINISHED_KEPT = 1000
 
 #: Exit status of a child whose task code raised past Flower's own handler.
 CHILD_EXCEPTION_EXIT = 70
@@ -334,8 +338,9 @@ class ForkExecutor:
         self.on_failure = on_failure
         self.fallback = fallback or SubprocessExecutor()
         self.running: dict[int, _Running] = {}
-        #: (task id, pid, failure reason or None) of every finished task, oldest first
-        self.finished: list[tuple[int, int, str | None]] = []
+        #: (task id, pid, failure reason or None) of the latest finished tasks, oldest
+        #: first; bounded, since a warm parent lives as long as its SuperNode
+        self.finished: deque[tuple[int, int, str | None]] = deque(maxlen=FINISHED_KEPT)
 
     # Flower's Executor protocol --------------------------------------------------
     def get_eligible_capacity(

@@ -165,7 +165,7 @@ def test_the_parents_flower_exit_handlers_do_not_run_in_a_child(tmp_path: Path) 
         ex = ForkExecutor(task_main=flower_exits, on_failure=Failures())
         ex.launch(spec(1))
         run_until_done(ex)
-        assert ex.finished == [(1, ex.finished[0][1], None)]
+        assert list(ex.finished) == [(1, ex.finished[0][1], None)]
         assert not marker.exists()  # e.g. the parent's executor.close() would kill siblings
     finally:
         exit_handler.registered_exit_handlers[:] = before
