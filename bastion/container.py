@@ -94,7 +94,10 @@ RESULTS_DIR = Path("/results")
 APP_DIR = Path("/app")
 #: names the SuperLink certificate always carries (compose service name, loopback)
 DEFAULT_SANS = ("superlink", "localhost", "127.0.0.1")
-ROLES = ("honest", "malicious")
+#: SuperNode services: honest and malicious take compose's partitions; ``edge`` (the
+#: compose profile ``edge``: an arm64 image, one torch thread, a memory limit) takes
+#: the ``BASTION_EXTERNAL_NODES`` partitions and trains honestly
+ROLES = ("honest", "malicious", "edge")
 
 
 # ------------------------------------------------------------------- environment
@@ -538,18 +541,27 @@ def cmd_supernode(role: str, env: Mapping[str, str]) -> int:
         _require_certificate(TRUST_DIR / "ca.crt")
     else:
         warn_insecure("supernode")
-    candidates = layout.partitions(role)
+    candidates = layout.partitions("external" if role == "edge" else role)
+    if role == "edge" and not candidates:
+        raise ConfigError(
+            "environment variable BASTION_EXTERNAL_NODES: value 0 is not allowed with the "
+            "edge profile; allowed: at least the number of edge SuperNodes (BASTION_EDGE), "
+            "whose partitions come after the compose ones"
+        )
     pid, fd = claim_partition(SLOTS_DIR, candidates, socket.gethostname())
     os.set_inheritable(fd, True)  # the lock lives as long as flower-supernode
-    cfg = node_config(layout, role, pid, env)
+    cfg = node_config(layout, "honest" if role == "edge" else role, pid, env)
     key = node_key_file(pid) if tls else None
     if key is not None:
         _require_certificate(key)
     out = flower_env(env)
     cores = os.cpu_count() or 1
     # compose passes unset variables as empty strings: those count as unset too
+    # an edge node trains with one thread: a board's other cores serve the SuperNode,
+    # and one thread keeps torch's per-thread buffers (memory) small
+    threads = 1 if role == "edge" else max(1, cores // max(layout.in_compose, 1))
     defaults = {
-        "BASTION_TORCH_THREADS": str(max(1, cores // max(layout.in_compose, 1))),
+        "BASTION_TORCH_THREADS": str(threads),
         "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": f"{superexec_poll_seconds(layout.in_compose):.2f}",
         "BASTION_STATE_DIR": str(LEDGER_DIR),
     }

@@ -7,6 +7,9 @@
 #        auto        a torch wheel of the wheelhouse that fits this platform, else the index
 #        wheelhouse  the wheelhouse only (fails when no wheel fits)
 #        index       TORCH_INDEX_URL only
+#        system      the torch the venv already sees (a distribution's package under
+#                    `venv --system-site-packages`, e.g. Debian's arm64 python3-torch
+#                    of the edge image); fails when it is missing or outside the range
 #   2. the project's dependencies (read from /app/pyproject.toml; the wheelhouse is a
 #      find-links source, and with OFFLINE=1 the only source),
 # and `install-python-deps.sh project` then installs the project itself (no dependencies;
@@ -64,6 +67,28 @@ torch_from_index() {
   pip install --index-url "$TORCH_INDEX_URL" "$TORCH_REQUIREMENT"
 }
 
+torch_from_system() {
+  # no install: the torch of the system's site-packages must satisfy the requirement
+  # (pip then keeps it: the constraint below pins its version)
+  python - "$TORCH_REQUIREMENT" <<'PY' || exit 2
+import importlib.metadata as md, sys
+try:
+    from packaging.requirements import Requirement
+except ImportError:  # pip vendors it
+    from pip._vendor.packaging.requirements import Requirement
+req = Requirement(sys.argv[1])
+try:
+    version = md.version("torch")
+except md.PackageNotFoundError:
+    sys.exit("install-python-deps: TORCH_SOURCE=system but no torch is installed "
+             "(a venv made with --system-site-packages over a distribution's torch?)")
+if not req.specifier.contains(version, prereleases=True):
+    sys.exit(f"install-python-deps: TORCH_SOURCE=system: the installed torch {version} "
+             f"does not satisfy {req}")
+print(f"install-python-deps: torch {version} from the system's site-packages", file=sys.stderr)
+PY
+}
+
 phase=${1:-}
 case "$phase" in
   deps) ;;
@@ -76,8 +101,9 @@ esac
 case "$TORCH_SOURCE" in
   wheelhouse) torch_from_wheelhouse || { log "no torch wheel of $WHEELHOUSE fits this platform ($(uname -m))"; exit 2; } ;;
   index) torch_from_index ;;
+  system) torch_from_system ;;
   auto) torch_from_wheelhouse || torch_from_index ;;
-  *) log "TORCH_SOURCE=$TORCH_SOURCE is not allowed; allowed: auto, wheelhouse, index"; exit 2 ;;
+  *) log "TORCH_SOURCE=$TORCH_SOURCE is not allowed; allowed: auto, wheelhouse, index, system"; exit 2 ;;
 esac
 
 python - "$APP/pyproject.toml" >/tmp/requirements.txt <<'PY'

@@ -30,13 +30,14 @@ import statistics
 import subprocess
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 
 from attacks.selection import malicious_partitions
 from bastion import security
+from bastion.container import Layout
 from bastion.federation import flower_bin, free_port
 from common.runlog import read_jsonl
 
@@ -202,11 +203,39 @@ def _unregistered_supernode(tmp_path: Path, fleet_port: int, ca: Path) -> tuple[
     return proc.returncode, log.read_text(errors="replace")
 
 
+#: the federation of this test (the edge test, tests/edge/, adds an arm64 node to it)
+SETTINGS = {
+    "BASTION_IMAGE": IMAGE,
+    "BASTION_TORCH_SOURCE": "wheelhouse",  # the local wheel, never a download
+    "BASTION_HONEST": str(HONEST),
+    "BASTION_MALICIOUS": str(MALICIOUS),
+    "BASTION_ATTACK": "ipm",
+    "BASTION_ATTACK_CONFIG": "attack-epsilon=0.1",
+    "BASTION_ROUNDS": str(ROUNDS),
+    "BASTION_DATASET": "digits",
+    "BASTION_AGGREGATOR": "median",
+    "BASTION_RUN_CONFIG": "local-steps=10",
+    "BASTION_RUN_NAME": "ci",
+    "BASTION_RUN_TIMEOUT": "600",
+}
+
+
 def _compose_run(
-    tmp_path: Path, engine: dict[str, str], timings: dict[str, float]
+    tmp_path: Path,
+    engine: dict[str, str],
+    timings: dict[str, float],
+    settings: dict[str, str] | None = None,
+    profiles: Sequence[str] = (),
+    inspect: Callable[[list[str], dict[str, str]], None] | None = None,
+    build_timeout: float = 900,
+    up_timeout: float = 420,
+    run_timeout: float = 720,
 ) -> tuple[int | None, str, Path, dict[str, str]]:
     """Build, bring up, wait for the runner, collect logs, and always tear down.
 
+    ``settings`` (default :data:`SETTINGS`) are the compose variables, ``profiles``
+    compose profiles to enable, and ``inspect(compose command, env)`` runs after the
+    runner exited, before the teardown (to look inside the still running SuperNodes).
     Returns the runner's exit code, what ``docker compose wait`` said, the compose log
     file and what ``down`` left behind.
     """
@@ -215,19 +244,8 @@ def _compose_run(
     env |= engine
     fleet_port, control_port = free_port(), free_port()
     results = tmp_path / "results"
+    env |= dict(SETTINGS if settings is None else settings)
     env |= {
-        "BASTION_IMAGE": IMAGE,
-        "BASTION_TORCH_SOURCE": "wheelhouse",  # the local wheel, never a download
-        "BASTION_HONEST": str(HONEST),
-        "BASTION_MALICIOUS": str(MALICIOUS),
-        "BASTION_ATTACK": "ipm",
-        "BASTION_ATTACK_CONFIG": "attack-epsilon=0.1",
-        "BASTION_ROUNDS": str(ROUNDS),
-        "BASTION_DATASET": "digits",
-        "BASTION_AGGREGATOR": "median",
-        "BASTION_RUN_CONFIG": "local-steps=10",
-        "BASTION_RUN_NAME": "ci",
-        "BASTION_RUN_TIMEOUT": "600",
         "BASTION_RESULTS": str(results),
         "BASTION_FLEET_PUBLISH": f"127.0.0.1:{fleet_port}",
         "BASTION_CONTROL_PUBLISH": f"127.0.0.1:{control_port}",
@@ -237,24 +255,26 @@ def _compose_run(
         "docker",
         "compose",
         "--project-directory",
-        ROOT,
+        str(ROOT),
         "-f",
-        ROOT / "docker-compose.yml",
+        str(ROOT / "docker-compose.yml"),
         "--env-file",
-        ROOT / ".env.example",
+        str(ROOT / ".env.example"),
         "-p",
         project,
     ]
+    for profile in profiles:
+        compose += ["--profile", profile]
     logs = tmp_path / "compose.log"
     leftovers: dict[str, str] = {}
     try:
         _run(["bash", ROOT / "docker" / "fill-wheelhouse.sh"], env, 120, "fill-wheelhouse.sh")
         t0 = time.monotonic()
-        _run([*compose, "build"], env, 900, "docker compose build")
+        _run([*compose, "build"], env, build_timeout, "docker compose build")
         timings["image build"] = time.monotonic() - t0
 
         t0 = time.monotonic()
-        _run([*compose, "up", "--detach"], env, 420, "docker compose up")
+        _run([*compose, "up", "--detach"], env, up_timeout, "docker compose up")
         timings["up (until the runner started)"] = time.monotonic() - t0
 
         # The SuperLink speaks TLS on both published ports, with a certificate for its
@@ -286,7 +306,8 @@ def _compose_run(
             "docker compose cp from the register container",
         )
         listed = security.registered_nodes(f"127.0.0.1:{control_port}", ca)
-        assert len(listed) == HONEST + MALICIOUS, listed
+        layout = Layout.from_env(env)
+        assert len(listed) == layout.total, listed
         assert security.public_key_pem(pub) in listed
 
         t0 = time.monotonic()
@@ -295,9 +316,11 @@ def _compose_run(
             env=env,
             capture_output=True,
             text=True,
-            timeout=720,
+            timeout=run_timeout,
         )
         timings["run (runner exit)"] = time.monotonic() - t0
+        if inspect is not None:
+            inspect(compose, env)
         logs.write_text(
             subprocess.run(
                 [*map(str, compose), "logs", "--no-color"],

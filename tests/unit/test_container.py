@@ -332,3 +332,27 @@ def test_probe_and_cli_errors(capsys) -> None:
     assert c.main(["probe", up]) == 1
     assert c.main(["supernode", "--role", "honest"], env={"BASTION_HONEST": "x"}) == 2
     assert "BASTION_HONEST: value 'x'" in capsys.readouterr().err
+
+
+def test_an_edge_node_takes_an_external_partition_trains_honestly_on_one_thread(
+    tmp_path, monkeypatch
+) -> None:
+    ran: list[tuple[list[str], dict]] = []
+    monkeypatch.setattr(c, "SLOTS_DIR", tmp_path / "slots")
+    monkeypatch.setattr(c, "_exec", lambda cmd, env: ran.append((cmd, dict(env))) or 0)
+    env = {"BASTION_HONEST": "3", "BASTION_MALICIOUS": "1", "BASTION_EXTERNAL_NODES": "2"}
+    env |= {"BASTION_INSECURE": "1", "BASTION_TORCH_THREADS": ""}
+    assert c.cmd_supernode("edge", env) == 0
+    assert c.cmd_supernode("edge", env) == 0  # the second edge replica (the first holds 4)
+    configs = [parse_overrides(cmd[cmd.index("--node-config") + 1]) for cmd, _ in ran]
+    assert [cfg["partition-id"] for cfg in configs] == [4, 5]
+    assert all(cfg["role"] == "honest" and cfg["num-partitions"] == 6 for cfg in configs)
+    assert all(node_env["BASTION_TORCH_THREADS"] == "1" for _, node_env in ran)
+    # an honest compose node on the same host gets cores / nodes threads, not 1
+    c.cmd_supernode("honest", env)
+    expected = max(1, (os.cpu_count() or 1) // 4)
+    assert ran[-1][1]["BASTION_TORCH_THREADS"] == str(expected)
+    with pytest.raises(c.NoFreePartition):  # a third edge replica: no external id left
+        c.cmd_supernode("edge", env)
+    with pytest.raises(ConfigError, match=r"BASTION_EXTERNAL_NODES: value 0 .*edge"):
+        c.cmd_supernode("edge", env | {"BASTION_EXTERNAL_NODES": "0"})
