@@ -74,11 +74,13 @@ DEFENCES: dict[str, Defence] = {
                 "quarantine-threshold": 0.5,
                 "reputation-weight-far": 0.4,
                 "reputation-weight-opposed": 0.6,
+                "quarantine-probation": True,
             },
             summary=(
                 "client momentum 0.9, then adaptive robust clipping (ARC), then the mean; "
                 "nodes whose suspicion (far from, or pointing against, the aggregate) "
-                "reaches 0.5 sit out (quarantine)"
+                "reaches 0.5 sit out (quarantine), and their first round back is a trial "
+                "that is not aggregated (probation)"
             ),
             evidence="docs/ROBUSTNESS.md, 'Heterogeneous data' (stages 1 to 3)",
         ),

@@ -257,6 +257,9 @@ class RunConfig(_FlatModel):
     # the k-th quarantine of the same node lasts quarantine-rounds * escalation^(k-1)
     quarantine_escalation: float = Field(2.0, ge=1, le=100)
     quarantine_max: int = Field(-1, ge=-1, le=100_000)
+    # true: a node's first round back from quarantine is a trial, its update judged
+    # against the aggregate of the others and left out of it
+    quarantine_probation: bool = False
     # Reply limits (strategies.validation, docs/RELIABILITY.md). A reply whose array
     # payloads and record values hold more than max-reply-bytes bytes is rejected before
     # anything is decoded (0: no limit); an update (delta from the global model) whose

@@ -436,10 +436,11 @@ class RobustStrategy(FedAvg):
             return outcome
 
         deltas = deltas[: len(accepted)]
-        out = self._aggregate(server_round, deltas, summary)
+        accepted, norms, deltas, trial = self._trials_last(server_round, accepted, norms, deltas)
+        out = self._aggregate(server_round, deltas[: len(accepted) - trial], summary)
         if out is None:
             return outcome
-        agg_norm = _record_diagnostics(summary, accepted, norms, deltas, out)
+        agg_norm = _record_diagnostics(summary, accepted, norms, deltas, out, trial)
         outcome.arrays = self._server_step(layout, global_arrays, out.vector)
         outcome.metrics = _summarize_training(summary, accepted, agg_norm)
         return outcome
@@ -600,6 +601,38 @@ class RobustStrategy(FedAvg):
         _close_gaps(deltas, kept)
         return [accepted[i] for i in kept], [norms[i] for i in kept]
 
+    def _trials_last(
+        self,
+        server_round: int,
+        accepted: list[NodeDiagnostics],
+        norms: list[float],
+        deltas: torch.Tensor,
+    ) -> tuple[list[NodeDiagnostics], list[float], torch.Tensor, int]:
+        """Move the replies of nodes on trial (back from quarantine, with probation on:
+        :meth:`Reputation.on_trial`) behind the others; return the reordered replies,
+        norms and rows, and how many trial rows are at the end (0: nothing moved).
+
+        The rule then aggregates the rows before them only. When that would leave the
+        rule fewer than ``2 f + 1`` rows, nobody is on trial this round.
+        """
+        on_trial = set(self.reputation.on_trial(server_round))
+        trial = [i for i, d in enumerate(accepted) if d.node_id in on_trial]
+        if not trial or len(accepted) - len(trial) < 2 * self.num_byzantine + 1:
+            return accepted, norms, deltas, 0
+        regular = [i for i, d in enumerate(accepted) if d.node_id not in on_trial]
+        order = regular + trial
+        for i in trial:
+            accepted[i].reason = "probation: judged against the aggregate, not part of it"
+        deltas = deltas[torch.tensor(order, device=deltas.device)]  # a copy, reordered
+        log(
+            INFO,
+            "round %d: %d node(s) back from quarantine on trial (not aggregated): %s",
+            server_round,
+            len(trial),
+            sorted(on_trial),
+        )
+        return [accepted[i] for i in order], [norms[i] for i in order], deltas, len(trial)
+
     def _aggregate(
         self, server_round: int, deltas: torch.Tensor, summary: RoundSummary
     ) -> PipelineOutput | None:
@@ -753,25 +786,31 @@ def _record_diagnostics(
     norms: list[float],
     deltas: torch.Tensor,
     out: PipelineOutput,
+    trial: int = 0,
 ) -> float:
     """Write each accepted reply's place in the aggregate into its diagnostics (cosine
     and distance to the aggregate, weight, selected, score) and the round's malicious
     counts into ``summary``; return the aggregate's L2 norm.
 
     ``deltas`` holds the accepted updates in the order of ``accepted``, ``norms``
-    their L2 norms (:mod:`strategies.rules.diagnostics` computes the rest).
+    their L2 norms (:mod:`strategies.rules.diagnostics` computes the rest). The last
+    ``trial`` of them were judged but not aggregated: weight 0, no selection or score.
     """
     geometry = geometry_to_aggregate(deltas, out.vector, norms)
-    weights, selected, scores = client_attribution(out, len(accepted))
+    aggregated = len(accepted) - trial
+    weights, selected, scores = client_attribution(out, aggregated)
     for i, diag in enumerate(accepted):
         diag.cosine_to_aggregate = geometry.cosines[i]
         diag.distance_to_aggregate = geometry.distances[i]
+        if i >= aggregated:
+            diag.weight, diag.selected, diag.score = 0.0, None, None
+            continue
         diag.weight = None if weights is None else weights[i]
         diag.selected = None if selected is None else selected[i]
         diag.score = None if scores is None else scores[i]
-    summary.num_malicious_accepted = sum(d.malicious for d in accepted)
+    summary.num_malicious_accepted = sum(d.malicious for d in accepted[:aggregated])
     summary.malicious_influence = malicious_influence(
-        [d.malicious for d in accepted], weights, selected
+        [d.malicious for d in accepted[:aggregated]], weights, selected
     )
     return geometry.norm
 

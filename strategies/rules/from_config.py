@@ -41,6 +41,7 @@ def reputation_from_config(cfg: RunConfig) -> Reputation:
             quarantine_rounds=cfg.quarantine_rounds,
             escalation=cfg.quarantine_escalation,
             max_quarantined=cap,
+            probation=cfg.quarantine_probation,
         )
     )
 

@@ -41,11 +41,17 @@ sampling (training and evaluation) for ``quarantine_rounds`` rounds, and each
 further quarantine of the same node lasts ``escalation`` times longer than the
 one before (repeat offenders are kept out longer and longer). A quarantined
 node's score does not decay while it is out: it comes back on probation, and
-one more bad round sends it back. At most ``max_quarantined`` nodes are
-quarantined at once (the highest scores win), and never so many that fewer than
-``2 f + 1`` of the online nodes remain (an honest majority must stay possible;
-the strategy passes its ``f``). Quarantine does
-not lower the ``f`` the robust rule assumes: a quarantined node may be honest.
+one more bad round sends it back. With ``probation`` on, a node's first round back
+is a *trial*: its update is compared with the aggregate of the others (it collects
+evidence as usual) but is not part of that aggregate, so an attacker that returns
+and attacks again is sent back before its update ever moves the model (in the
+stage 3 runs of ``docs/ROBUSTNESS.md`` returning IPM attackers were only caught
+again after two or three rounds in the aggregate, which they pulled towards them).
+At most ``max_quarantined`` nodes are quarantined at once (the highest scores
+win), and never so many that fewer than ``2 f + 1`` of the online nodes remain
+(an honest majority must stay possible; the strategy passes its ``f``).
+Quarantine does not lower the ``f`` the robust rule assumes: a quarantined node
+may be honest.
 
 This is a heuristic in the spirit of reputation systems for federated learning
 (e.g. Kang et al. 2019, "Incentive mechanism for reliable federated learning";
@@ -93,6 +99,7 @@ class ReputationConfig:
     quarantine_rounds: int = 3
     escalation: float = 2.0  # each further quarantine of a node lasts this much longer
     max_quarantined: int | None = None  # None: no cap besides min_remaining
+    probation: bool = False  # a node's first round back from quarantine is a trial
 
     def __post_init__(self) -> None:
         checks = [
@@ -254,6 +261,17 @@ class Reputation:
             node_id
             for node_id, s in self.nodes.items()
             if s.quarantined_from <= server_round <= s.quarantined_until
+        )
+
+    def on_trial(self, server_round: int) -> list[int]:
+        """Nodes whose update in ``server_round`` is judged without being aggregated:
+        with ``probation`` on, those whose latest quarantine ended the round before."""
+        if not self.config.probation:
+            return []
+        return sorted(
+            node_id
+            for node_id, s in self.nodes.items()
+            if s.times_quarantined > 0 and s.quarantined_until == server_round - 1
         )
 
     def score(self, node_id: int) -> float:

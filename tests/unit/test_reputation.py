@@ -309,3 +309,62 @@ def test_repeat_offenders_stay_out_longer_and_come_back_on_probation() -> None:
     assert spells == [3, 6, 11]
     assert rep.quarantined(11) == rep.quarantined(18) == [9] and rep.quarantined(19) == []
     assert rep.nodes[9].times_quarantined == 3
+
+
+def test_with_probation_a_returning_node_is_on_trial_for_its_first_round_back() -> None:
+    cfg = ReputationConfig(decay=0.5, quarantine_threshold=0.7, quarantine_rounds=2)
+    for probation in (False, True):
+        rep = Reputation(ReputationConfig(**{**cfg.__dict__, "probation": probation}))
+        honest = [accepted(i) for i in range(1, 5)]
+        rep.observe(1, [*honest, rejected(9)])
+        rep.observe(2, [*honest, rejected(9)])  # out for rounds 3 and 4
+        trials = {rnd: rep.on_trial(rnd) for rnd in range(1, 8)}
+        assert trials == {r: ([9] if probation and r == 5 else []) for r in range(1, 8)}
+
+
+def test_a_node_on_trial_is_judged_but_not_aggregated_and_goes_back_at_once() -> None:
+    """The mean, and node 5 far away whenever it takes part: with probation its
+    first round back moves the model by the honest mean only, its diagnostics still
+    measure it against that aggregate, and it is quarantined again after that round."""
+
+    def run(probation: bool) -> tuple[dict[int, list[int]], list[float], RobustStrategy]:
+        strategy = RobustStrategy(
+            num_byzantine=1,
+            min_available_nodes=1,
+            min_train_nodes=1,
+            reputation=Reputation(
+                ReputationConfig(
+                    decay=0.5, quarantine_threshold=0.6, quarantine_rounds=2, probation=probation
+                )
+            ),
+        )
+        grid = FakeGrid([1, 2, 3, 4, 5])
+        rounds_in, moved = {}, []
+        base = model_arrays()
+        for rnd in range(1, 9):
+            record = ArrayRecord(OrderedDict((k, Array(v)) for k, v in base.items()))
+            sent = pushed(strategy.configure_train(rnd, record, ConfigRecord(), grid))
+            nodes = sorted(m.metadata.dst_node_id for m in sent)
+            rounds_in[rnd] = nodes
+            # honest updates equally far from their mean: no honest node is 'far'
+            offsets = {1: 1.05, 2: 0.95, 3: 1.05, 4: 0.95, 5: 40.0}
+            new, _ = strategy.aggregate_train(
+                rnd, [reply(n, model_arrays(offsets[n])) for n in nodes]
+            )
+            moved.append(float(new.to_numpy_ndarrays()[1][0]) - float(base["bias"][0]))
+            strategy.update_reputation(rnd, strategy.last_round.nodes, online=grid.nodes)
+        return rounds_in, moved, strategy
+
+    plain_in, plain_moved, _ = run(False)
+    trial_in, trial_moved, strategy = run(True)
+    # both: node 5 out for rounds 3-4 and back in round 5
+    assert 5 not in plain_in[3] and 5 not in plain_in[4] and 5 in plain_in[5]
+    assert trial_in[5] == [1, 2, 3, 4, 5]
+    # without probation round 5's mean includes node 5's 40; with it, the honest mean
+    assert plain_moved[4] == pytest.approx((4 * 1.0 + 40.0) / 5, abs=1e-4)
+    assert trial_moved[4] == pytest.approx(1.0, abs=1e-4)
+    node5 = [d for d in strategy.last_round.nodes if d.node_id == 5]
+    assert node5 == []  # quarantined again for round 8 (the last round run)
+    # it went back out right after its trial: rounds 6 and on (2 x 2 rounds)
+    assert 5 not in trial_in[6] and 5 not in trial_in[7] and 5 not in trial_in[8]
+    assert strategy.reputation.nodes[5].times_quarantined == 2
