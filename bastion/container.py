@@ -65,6 +65,7 @@ from bastion import security
 from bastion.console import final_table, plural
 from bastion.federation import superexec_poll_seconds
 from bastion.preflight import app_defaults, check_rule_fits
+from bastion.probe import probe
 from bastion.supernode import LAUNCHERS
 from common.config import (
     ConfigError,
@@ -574,19 +575,6 @@ def cmd_supernode(role: str, env: Mapping[str, str]) -> int:
     )
     launcher = env.get("BASTION_LAUNCHER", "").strip() or "warm"
     return _exec(supernode_command(superlink, tls, cfg, key, launcher), out)
-
-
-def probe(addresses: Sequence[str], timeout: float = 2.0) -> list[str]:
-    """The ``host:port`` addresses of ``addresses`` that refuse TCP connections."""
-    down = []
-    for address in addresses:
-        host, _, port = address.rpartition(":")
-        try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
-                pass
-        except (OSError, ValueError):
-            down.append(address)
-    return down
 
 
 # ------------------------------------------------------------------------ runner

@@ -10,7 +10,8 @@
 #        system      the torch the venv already sees (a distribution's package under
 #                    `venv --system-site-packages`, e.g. Debian's arm64 python3-torch
 #                    of the edge image); fails when it is missing or outside the range
-#   2. the project's dependencies (read from /app/pyproject.toml; the wheelhouse is a
+#   2. the project's dependencies (read from $DEPENDENCIES_FILE, one requirement per
+#      line, or else from /app/pyproject.toml; the wheelhouse is a
 #      find-links source, and with OFFLINE=1 the only source),
 # and `install-python-deps.sh project` then installs the project itself (no dependencies;
 # its build backend, setuptools, comes from the same sources).
@@ -106,11 +107,16 @@ case "$TORCH_SOURCE" in
   *) log "TORCH_SOURCE=$TORCH_SOURCE is not allowed; allowed: auto, wheelhouse, index, system"; exit 2 ;;
 esac
 
-python - "$APP/pyproject.toml" >/tmp/requirements.txt <<'PY'
+if [ -n "${DEPENDENCIES_FILE:-}" ]; then
+  # the list the Dockerfile's dependency-list stage read from pyproject.toml
+  cp "$DEPENDENCIES_FILE" /tmp/requirements.txt
+else
+  python - "$APP/pyproject.toml" >/tmp/requirements.txt <<'PY'
 import sys, tomllib
 with open(sys.argv[1], "rb") as fh:
     print("\n".join(tomllib.load(fh)["project"]["dependencies"]))
 PY
+fi
 # keep the torch installed above (a constraint, so pip fails instead of replacing it)
 pip show torch | awk '/^Version:/ {print "torch==" $2}' >/tmp/constraints.txt
 log "project dependencies: $(tr '\n' ' ' </tmp/requirements.txt)"

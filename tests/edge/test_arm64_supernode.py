@@ -151,6 +151,8 @@ def test_an_emulated_arm64_supernode_completes_rounds_over_tls_with_node_auth(tm
         "BASTION_RUN_NAME": "edge",
         "BASTION_RUN_TIMEOUT": "3000",
         "BASTION_EDGE_IMAGE": "bastion:edge-arm64-test",
+        # QEMU keeps its translated code in the same cgroup: more room than a board needs
+        "BASTION_EDGE_MEMORY": "2g",
     }
     try:
         timings["engine start"] = time.monotonic() - started

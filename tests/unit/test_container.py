@@ -356,3 +356,25 @@ def test_an_edge_node_takes_an_external_partition_trains_honestly_on_one_thread(
         c.cmd_supernode("edge", env)
     with pytest.raises(ConfigError, match=r"BASTION_EXTERNAL_NODES: value 0 .*edge"):
         c.cmd_supernode("edge", env | {"BASTION_EXTERNAL_NODES": "0"})
+
+
+def test_the_healthcheck_probe_answers_and_imports_nothing_heavy() -> None:
+    """``python -m bastion.probe`` (every compose healthcheck) exits 0 only when all
+    addresses accept connections, and loads no third-party package: on an emulated
+    arm64 node importing ``bastion.container`` outlasted the healthcheck's timeout."""
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        up = f"127.0.0.1:{srv.getsockname()[1]}"
+        code = (
+            "import sys, runpy; sys.argv = ['probe', *sys.argv[1:]]\n"
+            "try:\n    runpy.run_module('bastion.probe', run_name='__main__')\n"
+            "except SystemExit as e:\n"
+            "    heavy = {'torch', 'flwr', 'pydantic', 'numpy', 'common'} & set(sys.modules)\n"
+            "    print(e.code, sorted(heavy))\n"
+        )
+        ok = subprocess.run([sys.executable, "-c", code, up], capture_output=True, text=True)
+        assert ok.stdout.split("\n")[0] == "0 []", ok
+    bad = subprocess.run(
+        [sys.executable, "-m", "bastion.probe", up, "127.0.0.1:1"], capture_output=True, text=True
+    )
+    assert bad.returncode == 1 and up in bad.stderr and "127.0.0.1:1" in bad.stderr
+    assert subprocess.run([sys.executable, "-m", "bastion.probe"]).returncode == 2
