@@ -39,6 +39,8 @@ export DOCKER_CONFIG=$ROOT/cli-config
 
 log() { echo "dev-engine: $*" >&2; }
 die() { log "$*"; exit 1; }
+# shellcheck source=docker/host-tools.sh
+. "$(cd "$(dirname "$0")" && pwd)/host-tools.sh"
 
 engine_answers() { docker info >/dev/null 2>&1; }
 
@@ -54,14 +56,6 @@ our_dockerd() {
 need_root() {
   [ "$(id -u)" -eq 0 ] || die "needs root (it installs packages and runs dockerd); \
 without root, install Docker with Compose v2 and use it as your user"
-}
-
-apt_install() {
-  command -v apt-get >/dev/null 2>&1 || die "no apt-get here: install $* yourself"
-  if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >&2; then
-    apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >&2
-  fi
 }
 
 install_tools() {
@@ -110,18 +104,6 @@ start_engine() {
   log "dockerd did not answer within 60 s; last lines of $LOG:"
   tail -n 20 "$LOG" >&2
   exit 1
-}
-
-debian_mirror() {
-  # the first Debian mirror of this host's apt sources (deb822 or one-line format)
-  local files=() f
-  for f in /etc/apt/sources.list.d/*.sources /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
-    if [ -f "$f" ]; then files+=("$f"); fi
-  done
-  [ ${#files[@]} -gt 0 ] || return 0
-  awk '$1 == "URIs:" || $1 == "deb" {
-         for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\/.*\/debian\/?$/) { print $i; exit }
-       }' "${files[@]}"
 }
 
 make_base_image() {

@@ -22,9 +22,8 @@
 # error" or "no such file".
 #
 # The Docker engine is the one docker/dev-engine.sh starts (or the host's own when
-# DOCKER_HOST points at one). Set BASTION_EDGE_BASE_PULL=1 to use the official
-# `arm64v8/python:3.13-slim` instead (needs a registry; the Dockerfile then installs
-# torch with pip, which pulls a CUDA build on aarch64: not recommended).
+# DOCKER_HOST points at one). BASTION_EDGE_BASE_IMAGE names the image (default
+# localhost/bastion-edge-base:trixie).
 set -euo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -37,17 +36,11 @@ PACKAGES=python3,python3-venv,python3-pip,python3-torch,python3-numpy,ca-certifi
 
 log() { echo "edge-emulation: $*" >&2; }
 die() { log "$*"; exit 1; }
+# shellcheck source=docker/host-tools.sh
+. "$HERE/host-tools.sh"
 
 need_root() {
   [ "$(id -u)" -eq 0 ] || die "needs root (it installs qemu-user-static and registers binfmt_misc)"
-}
-
-apt_install() {
-  command -v apt-get >/dev/null 2>&1 || die "no apt-get here: install $* yourself"
-  if ! DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >&2; then
-    apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >&2
-  fi
 }
 
 emulation_runs() {
@@ -90,17 +83,6 @@ engine_env() {
   fi
 }
 
-debian_mirror() {
-  local files=() f
-  for f in /etc/apt/sources.list.d/*.sources /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
-    if [ -f "$f" ]; then files+=("$f"); fi
-  done
-  [ ${#files[@]} -gt 0 ] || return 0
-  awk '$1 == "URIs:" || $1 == "deb" {
-         for (i = 2; i <= NF; i++) if ($i ~ /^[a-z]+:\/\/.*\/debian\/?$/) { print $i; exit }
-       }' "${files[@]}"
-}
-
 make_base_image() {
   local arch
   arch=$(docker image inspect --format '{{.Architecture}}' "$EDGE_BASE_IMAGE" 2>/dev/null || true)
@@ -110,11 +92,6 @@ make_base_image() {
   elif [ -n "$arch" ]; then
     log "$EDGE_BASE_IMAGE is an $arch image, not arm64: building it again"
     docker image rm "$EDGE_BASE_IMAGE" >/dev/null
-  fi
-  if [ "${BASTION_EDGE_BASE_PULL:-0}" = 1 ]; then
-    docker pull --platform linux/arm64 arm64v8/python:3.13-slim >&2
-    docker tag arm64v8/python:3.13-slim "$EDGE_BASE_IMAGE"
-    return
   fi
   need_root
   command -v debootstrap >/dev/null 2>&1 || apt_install debootstrap
