@@ -98,7 +98,14 @@ def _inspect_edge(found: dict[str, str]):
                 "cat /sys/fs/cgroup/memory.current 2>/dev/null "
                 "|| cat /sys/fs/cgroup/memory/memory.usage_in_bytes",
             ],
-            "threads": ["sh", "-c", "echo $BASTION_TORCH_THREADS"],
+            # what the SuperNode's processes were started with (bastion.container sets
+            # it when it execs the SuperNode, so the container's own env lacks it)
+            "threads": [
+                "sh",
+                "-c",
+                "cat /proc/[0-9]*/environ 2>/dev/null | tr '\\0' '\\n' "
+                "| sed -n 's/^BASTION_TORCH_THREADS=//p' | sort -u",
+            ],
         }.items():
             res = subprocess.run(
                 [*compose, "exec", "-T", "supernode-edge", *cmd],
@@ -179,6 +186,32 @@ def test_an_emulated_arm64_supernode_completes_rounds_over_tls_with_node_auth(tm
     assert leftovers == {}, f"docker compose down left these behind: {leftovers}"
     assert runner_exit == 0, f"runner exited {runner_exit!r} ({wait_text}); logs:\n{log_tail}"
 
+    # the figures first, so that a failed check below still reports them
+    run_dir = tmp_path / "results" / "edge"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    diags = read_jsonl(run_dir / "diagnostics.jsonl")
+    rounds = read_jsonl(run_dir / "metrics.jsonl")[1:]
+    edge_rows = [d for d in diags if d["partition_id"] == EDGE_PARTITION]
+    task_rss = [int(x) for x in re.findall(r"max rss (\d+) kB", found.get("edge_log", ""))]
+
+    def mib(raw: str) -> int | str:
+        return int(raw) // 2**20 if raw.isdigit() else raw
+
+    report = {
+        "round_seconds": [round(r["round_seconds"], 1) for r in rounds],
+        "slowest_train_seconds": [round(r["slowest_train_seconds"], 2) for r in rounds],
+        "edge_train_seconds": [round(d["train_seconds"], 2) for d in edge_rows],
+        "edge_container_peak_MiB": mib(found.get("memory_peak", "")),
+        "edge_container_after_run_MiB": mib(found.get("memory_now", "")),
+        "edge_task_max_rss_MiB": [kb // 1024 for kb in task_rss],
+        "edge_probe": found.get("probe"),
+        "final_accuracy": summary.get("final_accuracy"),
+    }
+    print("edge node:", json.dumps(report))
+    Path(os.environ.get("BASTION_EDGE_REPORT", tmp_path / "edge-report.json")).write_text(
+        json.dumps({"timings": timings, **report}, indent=2)
+    )
+
     # the edge node is arm64 code on Debian's Python 3.13 and CPU torch, one thread
     probe = json.loads(found["probe"])
     assert probe["machine"] == "aarch64", found
@@ -186,38 +219,14 @@ def test_an_emulated_arm64_supernode_completes_rounds_over_tls_with_node_auth(tm
     assert found["image_arch"] == "arm64", found
     assert found["threads"] == "1", found
 
-    run_dir = tmp_path / "results" / "edge"
-    summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed", summary
     assert summary["rounds"] == ROUNDS
-    n = HONEST + MALICIOUS + EDGE
-    assert summary["num_clients"] == n
-    diags = read_jsonl(run_dir / "diagnostics.jsonl")
-    rounds = read_jsonl(run_dir / "metrics.jsonl")[1:]
-    edge_rows = [d for d in diags if d["partition_id"] == EDGE_PARTITION]
+    assert summary["num_clients"] == HONEST + MALICIOUS + EDGE
     assert [d["round"] for d in edge_rows] == list(range(1, ROUNDS + 1)), edge_rows
     assert all(d["status"] == "accepted" and not d["malicious"] for d in edge_rows), edge_rows
     # it signed with the key of the external partition, which `register` registered
-    registered = dict(
-        (int(m.group(1)), int(m.group(2)))
+    registered = {
+        int(m.group(1)): int(m.group(2))
         for m in re.finditer(r"partition (\d+) \(external\): node id (\d+)", logs.read_text())
-    )
-    assert registered.get(EDGE_PARTITION) == edge_rows[0]["node_id"], registered
-
-    task_rss = [int(x) for x in re.findall(r"max rss (\d+) kB", found["edge_log"])]
-    report = {
-        "round_seconds": [round(r["round_seconds"], 1) for r in rounds],
-        "edge_train_seconds": [round(d["train_seconds"], 2) for d in edge_rows],
-        "edge_container_peak_MB": int(found["memory_peak"]) // 2**20
-        if found["memory_peak"].isdigit()
-        else found["memory_peak"],
-        "edge_container_now_MB": int(found["memory_now"]) // 2**20
-        if found["memory_now"].isdigit()
-        else found["memory_now"],
-        "edge_task_max_rss_MB": [kb // 1024 for kb in task_rss],
-        "torch": probe["torch"],
     }
-    print("edge node:", json.dumps(report))
-    Path(os.environ.get("BASTION_EDGE_REPORT", tmp_path / "edge-report.json")).write_text(
-        json.dumps({"timings": timings, **report}, indent=2)
-    )
+    assert registered.get(EDGE_PARTITION) == edge_rows[0]["node_id"], registered
