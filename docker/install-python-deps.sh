@@ -13,6 +13,8 @@
 #   2. the project's dependencies (read from $DEPENDENCIES_FILE, one requirement per
 #      line, or else from /app/pyproject.toml; the wheelhouse is a
 #      find-links source, and with OFFLINE=1 the only source),
+# `install-python-deps.sh list` prints that dependency list of /app/pyproject.toml (the
+# Dockerfile's dependency-list stage keeps it as DEPENDENCIES_FILE),
 # and `install-python-deps.sh project` then installs the project itself (no dependencies;
 # its build backend, setuptools, comes from the same sources).
 # torch is installed first and pinned, so step 2 never replaces it with another build.
@@ -90,13 +92,25 @@ print(f"install-python-deps: torch {version} from the system's site-packages", f
 PY
 }
 
+dependency_list() {
+  # the [project] dependencies of pyproject.toml, one requirement per line
+  python3 - "$APP/pyproject.toml" <<'PY'
+import sys, tomllib
+with open(sys.argv[1], "rb") as fh:
+    print("\n".join(tomllib.load(fh)["project"]["dependencies"]))
+PY
+}
+
 phase=${1:-}
 case "$phase" in
   deps) ;;
+  list)
+    dependency_list
+    exit 0 ;;
   project)
     pip install --no-deps "${links[@]}" "${offline[@]}" "$APP"
     exit 0 ;;
-  *) log "usage: $0 deps|project (got '$phase')"; exit 2 ;;
+  *) log "usage: $0 deps|list|project (got '$phase')"; exit 2 ;;
 esac
 
 case "$TORCH_SOURCE" in
@@ -111,11 +125,7 @@ if [ -n "${DEPENDENCIES_FILE:-}" ]; then
   # the list the Dockerfile's dependency-list stage read from pyproject.toml
   cp "$DEPENDENCIES_FILE" /tmp/requirements.txt
 else
-  python - "$APP/pyproject.toml" >/tmp/requirements.txt <<'PY'
-import sys, tomllib
-with open(sys.argv[1], "rb") as fh:
-    print("\n".join(tomllib.load(fh)["project"]["dependencies"]))
-PY
+  dependency_list >/tmp/requirements.txt
 fi
 # keep the torch installed above (a constraint, so pip fails instead of replacing it)
 pip show torch | awk '/^Version:/ {print "torch==" $2}' >/tmp/constraints.txt
