@@ -437,9 +437,27 @@ class RobustStrategy(FedAvg):
 
         deltas = deltas[: len(accepted)]
         accepted, norms, deltas, trial = self._trials_last(server_round, accepted, norms, deltas)
-        out = self._aggregate(server_round, deltas[: len(accepted) - trial], summary)
+        out = self._aggregate(
+            server_round, deltas[: len(accepted) - trial], summary, warn=not trial
+        )
+        if out is None and trial:
+            # The rule's own precondition fails without the trial rows (Krum's
+            # n >= 2f + 3, Bulyan's n >= 4f + 3): a skipped round costs every node's
+            # update, a round without probation costs at most the returning nodes'
+            # judgement, so nobody is on trial this round.
+            log(
+                INFO,
+                "round %d: %s without the %d node(s) on trial; they are aggregated this round",
+                server_round,
+                summary.aggregation_error,
+                trial,
+            )
+            summary.aggregation_error, trial = None, 0
+            out = self._aggregate(server_round, deltas, summary)
         if out is None:
             return outcome
+        for diag in accepted[len(accepted) - trial :]:
+            diag.reason = PROBATION_REASON
         agg_norm = _record_diagnostics(summary, accepted, norms, deltas, out, trial)
         outcome.arrays = self._server_step(layout, global_arrays, out.vector)
         outcome.metrics = _summarize_training(summary, accepted, agg_norm)
@@ -613,7 +631,8 @@ class RobustStrategy(FedAvg):
         norms and rows, and how many trial rows are at the end (0: nothing moved).
 
         The rule then aggregates the rows before them only. When that would leave the
-        rule fewer than ``2 f + 1`` rows, nobody is on trial this round.
+        rule fewer than ``2 f + 1`` rows, nobody is on trial this round; when it leaves
+        fewer than the rule itself needs, :meth:`aggregate_round` aggregates everyone.
         """
         on_trial = set(self.reputation.on_trial(server_round))
         trial = [i for i, d in enumerate(accepted) if d.node_id in on_trial]
@@ -621,8 +640,6 @@ class RobustStrategy(FedAvg):
             return accepted, norms, deltas, 0
         regular = [i for i, d in enumerate(accepted) if d.node_id not in on_trial]
         order = regular + trial
-        for i in trial:
-            accepted[i].reason = "probation: judged against the aggregate, not part of it"
         deltas = deltas[torch.tensor(order, device=deltas.device)]  # a copy, reordered
         log(
             INFO,
@@ -634,15 +651,19 @@ class RobustStrategy(FedAvg):
         return [accepted[i] for i in order], [norms[i] for i in order], deltas, len(trial)
 
     def _aggregate(
-        self, server_round: int, deltas: torch.Tensor, summary: RoundSummary
+        self, server_round: int, deltas: torch.Tensor, summary: RoundSummary, *, warn: bool = True
     ) -> PipelineOutput | None:
         """The pipeline's aggregate of the accepted rows; ``None``, with the reason in
-        ``summary.aggregation_error``, when a rule's precondition fails this round."""
+        ``summary.aggregation_error``, when a rule's precondition fails this round
+        (logged as a skipped round unless ``warn`` is false: the caller retries)."""
         try:
             out = self.pipeline.aggregate(deltas, num_byzantine=self.num_byzantine)
         except ValueError as exc:  # a rule's precondition, e.g. n >= 2f + 3 for Krum
             summary.aggregation_error = str(exc)
-            log(WARNING, "round %d: aggregation skipped, model unchanged: %s", server_round, exc)
+            if warn:
+                log(
+                    WARNING, "round %d: aggregation skipped, model unchanged: %s", server_round, exc
+                )
             return None
         summary.num_byzantine_after_preaggregation = out.num_byzantine
         return out
@@ -747,6 +768,9 @@ class RobustStrategy(FedAvg):
 
 
 #: the reply metrics dp-check compares with the run's declared DP-SGD
+#: the reason recorded for a node on trial (``quarantine-probation``)
+PROBATION_REASON = "probation: judged against the aggregate, not part of it"
+
 _DP_DECLARED = (
     protocol.NUM_EXAMPLES,
     protocol.STEPS,

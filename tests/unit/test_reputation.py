@@ -368,3 +368,42 @@ def test_a_node_on_trial_is_judged_but_not_aggregated_and_goes_back_at_once() ->
     # it went back out right after its trial: rounds 6 and on (2 x 2 rounds)
     assert 5 not in trial_in[6] and 5 not in trial_in[7] and 5 not in trial_in[8]
     assert strategy.reputation.nodes[5].times_quarantined == 2
+
+
+def test_a_trial_that_would_leave_krum_too_few_rows_aggregates_everyone() -> None:
+    """Krum needs n >= 2f + 3 rows (5 with f = 1). Five nodes, node 5 back on trial in
+    round 5: the four others are 2f + 1 (enough for the trial guard) but too few for
+    Krum, so round 5 aggregates all five instead of skipping the round."""
+    strategy = RobustStrategy(
+        pipeline=compose([], build_aggregator("krum")),
+        num_byzantine=1,
+        min_available_nodes=1,
+        min_train_nodes=1,
+        reputation=Reputation(
+            ReputationConfig(
+                decay=0.5,
+                weight_unselected=0.0,  # far alone: node 5 is out for rounds 3-4
+                quarantine_threshold=0.6,
+                quarantine_rounds=2,
+                probation=True,
+            )
+        ),
+    )
+    grid = FakeGrid([1, 2, 3, 4, 5])
+    base = model_arrays()
+    offsets = {1: 1.05, 2: 0.95, 3: 1.05, 4: 0.95, 5: 40.0}
+    for rnd in range(1, 6):
+        record = ArrayRecord(OrderedDict((k, Array(v)) for k, v in base.items()))
+        sent = pushed(strategy.configure_train(rnd, record, ConfigRecord(), grid))
+        nodes = sorted(m.metadata.dst_node_id for m in sent)
+        new, _ = strategy.aggregate_train(rnd, [reply(n, model_arrays(offsets[n])) for n in nodes])
+        if rnd == 5:
+            assert nodes == [1, 2, 3, 4, 5] and strategy.reputation.on_trial(5) == [5]
+            assert strategy.last_round.aggregation_error is None
+            assert new is not None  # the round was not skipped
+            # Krum picked an honest row among all five; node 5 was aggregated, not on trial
+            moved = float(new.to_numpy_ndarrays()[1][0]) - float(base["bias"][0])
+            assert moved in (pytest.approx(1.05, abs=1e-4), pytest.approx(0.95, abs=1e-4))
+            node5 = next(d for d in strategy.last_round.nodes if d.node_id == 5)
+            assert not (node5.reason or "").startswith("probation")
+        strategy.update_reputation(rnd, strategy.last_round.nodes, online=grid.nodes)
