@@ -36,7 +36,7 @@ from flwr.clientapp import ClientApp
 from attacks import check_attack_config, label_flip
 from client.malformed import fuzzed_node_reply, malformed_node_reply
 from client.malicious import AttackPlan, apply_attack, resolve_plan
-from client.momentum import MomentumStore
+from client.momentum import MomentumStore, states_to_keep
 from client.privacy import PrivateRound, budget_error_reply, resolve_dp
 from common import protocol
 from common.batch import cell_run_config
@@ -148,7 +148,11 @@ def train(msg: Message, context: Context) -> Message:
     if run.client_momentum > 0:  # the node's momentum instead of its update (client.momentum)
         store = MomentumStore.for_node(node, state_run, instr.batch_cell)
         state = store.reply(
-            global_state, state, beta=run.client_momentum, server_round=instr.server_round
+            global_state,
+            state,
+            beta=run.client_momentum,
+            server_round=instr.server_round,
+            keep=states_to_keep(run.checkpoint_every),
         )
     if plan is not None:  # with client momentum, the attack starts from the node's momentum
         state, crafted = apply_attack(

@@ -15,7 +15,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from client.app import _client_data
 from client.app import train as client_train
-from client.momentum import MomentumStore, momentum_path
+from client.momentum import MomentumStore, momentum_path, states_to_keep
 from client.privacy import ledger_path
 from common.config import NodeConfig, RunConfig
 from task.models import build_model
@@ -171,10 +171,62 @@ def test_runs_cells_and_partitions_keep_separate_momenta(tmp_path) -> None:
 
 def test_the_file_holds_m_t_and_its_round(tmp_path) -> None:
     path = momentum_path(tmp_path, RUN_ID, 0)
-    MomentumStore(path).save(WorkerMomentum(m={"w": vec([1.0])}, t=4, server_round=9, beta=0.5))
+    older = WorkerMomentum(m={"w": vec([2.0])}, t=3, server_round=7, beta=0.5)
+    MomentumStore(path).save(
+        WorkerMomentum(m={"w": vec([1.0])}, t=4, server_round=9, beta=0.5), earlier=[older]
+    )
     data = torch.load(path, weights_only=True)
-    assert (data["version"], data["t"], data["round"], data["beta"]) == (1, 4, 9, 0.5)
+    assert (data["version"], data["t"], data["round"], data["beta"]) == (2, 4, 9, 0.5)
     assert torch.equal(data["m"]["w"], vec([1.0]))
+    assert [(e["t"], e["round"]) for e in data["earlier"]] == [(3, 7)]
+    assert torch.equal(data["earlier"][0]["m"]["w"], vec([2.0]))
+
+
+def test_a_version_1_file_continues_as_a_one_state_history(tmp_path) -> None:
+    path = momentum_path(tmp_path, RUN_ID, 0)
+    torch.save({"version": 1, "beta": BETA, "t": 1, "round": 1, "m": {"w": vec(M[0])}}, path)
+    reply = MomentumStore(path).reply(*states(2), beta=BETA, server_round=2)
+    torch.testing.assert_close(reply["w"], vec(GLOBALS[1]) + vec(M_HAT[1]), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("keep", [2, 3])
+def test_a_replayed_round_is_folded_in_once(tmp_path, caplog, keep: int) -> None:
+    """Rounds 1, 2, 3, then a resumed ServerApp sends round 3 again (checkpoint of
+    round 2) and round 2 again (keep = 3: a checkpoint of round 1): each replay
+    continues from the state before it, so the replies are the hand-computed ones of a
+    run that never stopped."""
+    path = momentum_path(tmp_path, RUN_ID, 0)
+    for r in (1, 2, 3):
+        MomentumStore(path).reply(*states(r), beta=BETA, server_round=r, keep=keep)
+    assert [s.server_round for s in MomentumStore(path).load_all()] == list(range(4 - keep, 4))
+    with caplog.at_level(logging.WARNING):
+        again = MomentumStore(path).reply(*states(3), beta=BETA, server_round=3, keep=keep)
+    assert "round 3 again" in caplog.text and "from the momentum of round 2" in caplog.text
+    torch.testing.assert_close(again["w"], vec(GLOBALS[2]) + vec(M_HAT[2]), rtol=0, atol=1e-15)
+    kept = MomentumStore(path).load()
+    assert (kept.t, kept.server_round) == (3, 3)
+    torch.testing.assert_close(kept.m["w"], vec(M[2]), rtol=0, atol=1e-15)
+    if keep == 3:  # rounds 1 and 3 kept: a replay from round 2 on continues from round 1
+        again = MomentumStore(path).reply(*states(2), beta=BETA, server_round=2, keep=keep)
+        torch.testing.assert_close(again["w"], vec(GLOBALS[1]) + vec(M_HAT[1]), rtol=0, atol=0)
+        assert [s.server_round for s in MomentumStore(path).load_all()] == [1, 2]
+
+
+def test_a_replay_longer_than_the_kept_states_continues_from_the_oldest(tmp_path, caplog) -> None:
+    path = momentum_path(tmp_path, RUN_ID, 0)
+    for r in (1, 2, 3):
+        MomentumStore(path).reply(*states(r), beta=BETA, server_round=r, keep=2)
+    with caplog.at_level(logging.WARNING):  # rounds 2 and 3 kept, round 2 sent again
+        MomentumStore(path).reply(*states(2), beta=BETA, server_round=2, keep=2)
+    assert "the replay is longer than the 2 state(s) kept" in caplog.text
+    kept = MomentumStore(path).load_all()
+    assert [(s.t, s.server_round) for s in kept] == [(2, 2), (3, 2)]
+
+
+def test_states_to_keep_follows_checkpoint_every() -> None:
+    assert [states_to_keep(c) for c in (0, 1, 2, 5, 15, 16, 1000)] == [2, 2, 3, 6, 16, 16, 16]
+    with pytest.raises(ValueError, match=r"keep must be in 1\.\.16"):
+        MomentumStore(Path("unused")).reply(*states(1), beta=BETA, server_round=1, keep=0)
 
 
 # --- the ClientApp --------------------------------------------------------------------
