@@ -44,7 +44,7 @@ from attacks.byzantine import (
 from common import protocol
 from common.config import RunConfig
 from strategies.layout import ModelLayout
-from strategies.strategy import RobustStrategy
+from strategies.strategy import RobustStrategy, reply_order_key
 from strategies.validation import check_train_reply
 
 
@@ -69,7 +69,8 @@ def strategy_aggregate(strategy: RobustStrategy, order: Sequence[int]) -> Aggreg
     adaptive attack builds (its ``known`` rows, then the ``f`` malicious copies).
 
     ``order`` lists those rows' indices in the order the strategy decodes the replies
-    (the order received; ``known`` itself is in partition-id order). Like the
+    (:func:`~strategies.strategy.reply_order_key`; ``known`` itself is in
+    partition-id order). Like the
     strategy, the function drops a row that is non-finite or longer than
     ``max-update-norm``, leaves the model unchanged (a zero delta) with fewer rows
     than ``min-accepted-replies`` or when the rule's precondition fails, and runs the
@@ -152,19 +153,19 @@ class OmniscientAdversary:
         if self.cfg.attack == "none" or self.cfg.attack in DATA_ATTACKS:
             return 0
         layout = ModelLayout.of(global_arrays)
-        honest: list[tuple[int, int, Message]] = []  # (partition id, position, reply)
-        malicious: list[tuple[int, Message]] = []
-        for position, msg in enumerate(replies):
+        honest: list[tuple[int, Message]] = []  # (partition id, reply)
+        malicious: list[Message] = []
+        for msg in replies:
             try:
                 check_train_reply(msg, layout)
             except Exception:  # RejectedReply or anything else from this one reply:
                 continue  # the strategy will reject it with its reason
             metrics = msg.content.metric_records[protocol.METRICS]
             if metrics.get(protocol.MALICIOUS) == 1:
-                malicious.append((position, msg))
+                malicious.append(msg)
             else:
                 pid = metrics.get(protocol.PARTITION_ID)
-                honest.append((pid if isinstance(pid, int) else 1 << 62, position, msg))
+                honest.append((pid if isinstance(pid, int) else 1 << 62, msg))
         if not malicious or not honest:
             return 0
         honest.sort(key=lambda item: item[0])
@@ -181,10 +182,10 @@ class OmniscientAdversary:
         params = self._params(len(replies), len(malicious), round_seed)
         if self.cfg.attack == Adaptive.name:
             assert self.strategy is not None  # checked in __init__
-            positions = [h[1] for h, ok in zip(honest, finite.tolist(), strict=True) if ok]
-            positions += [position for position, _ in malicious]
-            # the strategy's rows are the replies in the order received
-            order = sorted(range(len(positions)), key=lambda i: positions[i])
+            rows = [msg for (_, msg), ok in zip(honest, finite.tolist(), strict=True) if ok]
+            rows += malicious
+            # the strategy's rows are the replies in reply_order_key order
+            order = sorted(range(len(rows)), key=lambda i: reply_order_key(rows[i]))
             attack = build_attack(
                 self.cfg.attack, **params, aggregate=strategy_aggregate(self.strategy, order)
             )
@@ -205,6 +206,6 @@ class OmniscientAdversary:
         else:
             update = build_attack(self.cfg.attack, **params)(known)
         crafted = layout.add_scaled(global_arrays, update, 1.0)
-        for _, msg in malicious:
+        for msg in malicious:
             msg.content[protocol.ARRAYS] = crafted
         return len(malicious)

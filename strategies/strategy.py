@@ -522,10 +522,11 @@ class RobustStrategy(FedAvg):
     ) -> tuple[RoundSummary, torch.Tensor, list[NodeDiagnostics]]:
         """Check each reply and decode the good ones into rows of the delta buffer.
 
-        Returns the round's summary (one diagnostics entry per reply, in the order
-        received), the ``(n, d)`` buffer whose first ``len(decoded)`` rows hold the
-        decoded deltas from ``global_arrays`` and the decoded replies' diagnostics, in
-        row order. A reply that fails a check is rejected with its reason.
+        Returns the round's summary (one diagnostics entry per reply, in
+        :func:`reply_order_key` order), the ``(n, d)`` buffer whose first
+        ``len(decoded)`` rows hold the decoded deltas from ``global_arrays`` and the
+        decoded replies' diagnostics, in row order. A reply that fails a check is
+        rejected with its reason.
         """
         pending = _take_all(replies)
         summary = RoundSummary(num_replies=len(pending))
@@ -786,10 +787,28 @@ def _close_gaps(deltas: torch.Tensor, kept: list[int]) -> None:
             deltas[j].copy_(deltas[i])
 
 
+def reply_order_key(msg: Message) -> tuple[bool, int, int]:
+    """Where a reply's row goes among the round's rows: by the partition id the node
+    reported, then by node id (a reply that reports none goes last).
+
+    The replies of a round arrive in an order that changes from run to run, and
+    whatever depends on the rows' order (the random groups of bucketing and
+    resampling, a tie in Krum, float summation) would too; in this order a fixed
+    ``seed`` reproduces a run. The adaptive attack's simulation of the round
+    (:func:`server.omniscient.strategy_aggregate`) orders its rows the same way.
+    """
+    try:
+        metrics = msg.content.metric_records[protocol.METRICS]
+        partition = _int_or_none(metrics.get(protocol.PARTITION_ID))
+    except Exception:  # a malformed reply: decoding rejects it with its reason
+        partition = None
+    return (partition is None, partition if partition is not None else 0, _node_of(msg))
+
+
 def _take_all(replies: Iterable[Message]) -> list[Message]:
-    """The replies in order, reversed for popping; a list passed in is emptied so
-    that the caller keeps no reference to them."""
-    pending = list(replies)
+    """The replies in :func:`reply_order_key` order, reversed for popping; a list
+    passed in is emptied so that the caller keeps no reference to them."""
+    pending = sorted(replies, key=reply_order_key)  # stable: a node's first reply first
     if isinstance(replies, list):
         replies.clear()
     pending.reverse()

@@ -397,3 +397,44 @@ def test_an_unchanged_model_comes_back_with_its_reason() -> None:
     new, metrics = strategy.aggregate_train(2, [reply(1, model_arrays(1.0))])
     assert new is None and metrics is None
     assert strategy.last_round.aggregation_error.startswith("1 of 1 replies accepted")
+
+
+@pytest.mark.parametrize("steps", [{"bucketing-s": 2}, {"resampling-s": 2}])
+def test_the_rows_order_follows_the_partitions_not_the_replies_arrival(steps) -> None:
+    """Bucketing and resampling group rows at random from the run's seed: the same
+    replies arriving in two different orders give the same new model, because rows are
+    ordered by reported partition id; the arrival order alone changes the groups."""
+    nodes = [11, 12, 13, 14, 15, 16]
+    # the nodes' updates: one coordinate each, far apart, so that any other grouping
+    # gives another trimmed mean of the group means
+    values = {11: 1.0, 12: 2.0, 13: 4.0, 14: 8.0, 15: 16.0, 16: 32.0}
+    partition = {11: 3, 12: 0, 13: 5, 14: 1, 15: 4, 16: 2}
+
+    def new_model(arrival: list[int], partitions: bool) -> float:
+        cfg = RunConfig(aggregator="trimmed-mean", num_byzantine=1, seed=7, **steps)
+        strategy = RobustStrategy(
+            pipeline=pipeline_from_config(cfg), num_byzantine=1, min_available_nodes=1
+        )
+        base = model_arrays()
+        record = ArrayRecord(OrderedDict((k, Array(v)) for k, v in base.items()))
+        pushed(strategy.configure_train(1, record, ConfigRecord(), FakeGrid(nodes)))
+        replies = [
+            reply(
+                n,
+                model_arrays(values[n]),
+                {"num-examples": 10, "train-loss": 0.5}
+                | ({"partition-id": partition[n]} if partitions else {}),
+            )
+            for n in arrival
+        ]
+        new, _ = strategy.aggregate_train(1, replies)
+        return float(new.to_numpy_ndarrays()[1][0]) - float(base["bias"][0])
+
+    arrivals = [nodes, nodes[::-1], [13, 16, 11, 15, 12, 14]]
+    with_partitions = {new_model(a, partitions=True) for a in arrivals}
+    assert len(with_partitions) == 1
+    # without reported partitions the node ids order the rows: the same again
+    assert len({new_model(a, partitions=False) for a in arrivals}) == 1
+    # and the order matters to these steps at all: partition ids that order the rows
+    # otherwise than the node ids give another model
+    assert with_partitions != {new_model(nodes, partitions=False)}
