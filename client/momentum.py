@@ -151,11 +151,12 @@ class MomentumStore:
         if not 1 <= keep <= MAX_KEPT:
             raise ValueError(f"keep must be in 1..{MAX_KEPT}, got {keep}")
         kept = self.load_all()
-        if kept:
-            problem = kept[-1].matches(global_state, beta)
-            if problem is not None:
-                self._set_aside(problem)
-                kept = []
+        problem = next(
+            (p for p in (state.matches(global_state, beta) for state in kept) if p), None
+        )
+        if problem is not None:
+            self._set_aside(problem)
+            kept = []
         before = [state for state in kept if state.server_round < server_round]
         if len(before) < len(kept):
             # a resumed ServerApp (or a restarted SuperNode) sends a round again
