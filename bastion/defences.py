@@ -86,7 +86,10 @@ DEFENCES: dict[str, Defence] = {
                 "reaches 0.5 sit out (quarantine), and their first round back is a trial "
                 "that is not aggregated (probation)"
             ),
-            evidence="docs/ROBUSTNESS.md, 'Heterogeneous data' (stages 1 to 3)",
+            evidence=(
+                "docs/ROBUSTNESS.md, 'Heterogeneous data' (stages 1 to 3, 'The ceiling', "
+                "'Client momentum 0.5')"
+            ),
         ),
     )
 }
