@@ -768,10 +768,10 @@ class RobustStrategy(FedAvg):
         return EvaluationOutcome(metrics, nodes)
 
 
-#: the reply metrics dp-check compares with the run's declared DP-SGD
 #: the reason recorded for a node on trial (``quarantine-probation``)
 PROBATION_REASON = "probation: judged against the aggregate, not part of it"
 
+#: the reply metrics dp-check compares with the run's declared DP-SGD
 _DP_DECLARED = (
     protocol.NUM_EXAMPLES,
     protocol.STEPS,
