@@ -25,15 +25,12 @@ from __future__ import annotations
 
 import argparse
 import csv
-import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-
-def _mean_sd(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+from bastion.experiments import mean_std
+from common.figures import save_figure
 
 
 def _accuracies(rows: list[dict[str, str]], **match: str) -> list[float]:
@@ -94,14 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib.pyplot as plt
 
     attacks = list(per_attack)
-    stats = [_mean_sd(per_attack[a]) for a in attacks]
+    stats = [mean_std(per_attack[a]) for a in attacks]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * len(attacks) + 2.5), 4.2))
     xs = range(len(attacks))
     ax.bar(xs, [m for m, _ in stats], 0.6, yerr=[sd for _, sd in stats], capsize=2, alpha=0.8)
     for x, a in zip(xs, attacks, strict=True):
         ax.plot([x] * len(per_attack[a]), per_attack[a], "k.", markersize=3)
-    c_mean, c_sd = _mean_sd(ceiling)
-    f_mean, _ = _mean_sd(fedavg)
+    c_mean, c_sd = mean_std(ceiling)
+    f_mean, _ = mean_std(fedavg)
     ax.axhspan(c_mean - c_sd, c_mean + c_sd, color="tab:green", alpha=0.12)
     lines = [
         (c_mean, "tab:green", "-", f"ceiling: attackers send nothing ({c_mean:.3f} ± {c_sd:.3f})"),
@@ -127,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.out, dpi=110)
+    save_figure(fig, args.out, dpi=110, tight=False)
     print(f"plot_ceiling: wrote {args.out}")
     return 0
 
