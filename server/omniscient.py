@@ -153,7 +153,7 @@ class OmniscientAdversary:
         if self.cfg.attack == "none" or self.cfg.attack in DATA_ATTACKS:
             return 0
         layout = ModelLayout.of(global_arrays)
-        honest: list[tuple[int, Message]] = []  # (partition id, reply)
+        honest: list[Message] = []
         malicious: list[Message] = []
         for msg in replies:
             try:
@@ -164,14 +164,13 @@ class OmniscientAdversary:
             if metrics.get(protocol.MALICIOUS) == 1:
                 malicious.append(msg)
             else:
-                pid = metrics.get(protocol.PARTITION_ID)
-                honest.append((pid if isinstance(pid, int) else 1 << 62, msg))
+                honest.append(msg)
         if not malicious or not honest:
             return 0
-        honest.sort(key=lambda item: item[0])
+        honest.sort(key=reply_order_key)  # partition-id order, the strategy's own
         base = layout.flatten(global_arrays)
         known = torch.stack(
-            [layout.flatten(m.content.array_records[protocol.ARRAYS]) - base for *_, m in honest]
+            [layout.flatten(m.content.array_records[protocol.ARRAYS]) - base for m in honest]
         )
         # A diverged honest node's update (nan/inf) is one the strategy rejects: the
         # attackers know it is useless and compute from the others.
@@ -182,7 +181,7 @@ class OmniscientAdversary:
         params = self._params(len(replies), len(malicious), round_seed)
         if self.cfg.attack == Adaptive.name:
             assert self.strategy is not None  # checked in __init__
-            rows = [msg for (_, msg), ok in zip(honest, finite.tolist(), strict=True) if ok]
+            rows = [msg for msg, ok in zip(honest, finite.tolist(), strict=True) if ok]
             rows += malicious
             # the strategy's rows are the replies in reply_order_key order
             order = sorted(range(len(rows)), key=lambda i: reply_order_key(rows[i]))
